@@ -1,0 +1,352 @@
+"""The ``diffusion-anomaly`` command line: detect, train, evaluate, inspect and benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+
+
+def _floats_or_otsu(value: str):
+    if value.lower() == "otsu":
+        return "otsu"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be 'otsu' or a number, got {value!r}") from None
+
+
+def _int_list(value: str) -> tuple:
+    return tuple(int(v) for v in value.split(","))
+
+
+def _bool_list(value: str) -> tuple:
+    return tuple(v.strip().lower() in ("1", "true", "yes") for v in value.split(","))
+
+
+def _name_list(value: str) -> tuple:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+class _Bar:
+    """A tqdm bar fed by ``progress(done, total)`` callbacks."""
+
+    def __init__(self, description: str, unit: str = "step") -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=description, unit=unit, total=1, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _add_detection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("detection settings (default: the model card's)")
+    group.add_argument("--noise-level", type=float, help="encoding depth L as a fraction of the 1000 training steps (e.g. 0.5)")
+    group.add_argument("--guidance-scale", type=float, help="classifier guidance s toward healthy; 0 = plain reconstruction")
+    group.add_argument("--steps", type=int, help="DDIM network evaluations per direction")
+    group.add_argument("--threshold", type=_floats_or_otsu, help="'otsu' or a value of the anomaly map")
+    group.add_argument("--min-component-voxels", type=int, help="remove segmented components smaller than this")
+    group.add_argument("--batch-size", type=int, help="slices per network pass")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast for the network passes")
+
+
+def _detect_options(args) -> dict:
+    names = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "batch_size", "precision")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--data", required=True, type=Path, help="BraTS-layout folder or CSV subject list")
+    group.add_argument("--out", required=True, type=Path, help="model bundle folder to write (or update)")
+    group.add_argument("--max-steps", type=int, default=20000, help="optimizer steps in total")
+    group.add_argument("--batch-size", type=int, default=32, help="slices per step and per process")
+    group.add_argument("--lr", type=float, default=1e-4)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    group.add_argument("--checkpoint-dir", type=Path, help="default: <out>-checkpoints/<network>")
+    group.add_argument("--checkpoint-every", type=int, default=1000)
+    group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    group.add_argument("--min-foreground", type=float, default=0.05, help="skip slices whose foreground covers less than this fraction")
+    group.add_argument("--no-progress", action="store_true")
+
+
+def _add_network_options(parser: argparse.ArgumentParser, prefix: str, channels: str, attention: str) -> None:
+    group = parser.add_argument_group(f"{prefix} architecture")
+    group.add_argument("--widths", type=_int_list, default=_int_list(channels), help=f"channels per level (default {channels})")
+    group.add_argument("--attention-levels", type=_bool_list, default=_bool_list(attention), help=f"attention per level (default {attention})")
+    group.add_argument("--res-blocks", type=int, default=1)
+    group.add_argument("--head-channels", type=int, default=32)
+    group.add_argument("--norm-groups", type=int, default=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-anomaly", description="Anomaly detection in MRI with classifier-guided diffusion models (Wolleb et al. 2022).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    detect = commands.add_parser("detect", help="anomaly map and segmentation of one study")
+    detect.add_argument("inputs", nargs="+", type=Path, help="one NIfTI/NRRD volume per model channel, in the model's channel order")
+    detect.add_argument("--model", required=True, type=Path, help="model bundle folder")
+    detect.add_argument("--output-map", required=True, type=Path, help="anomaly map volume to write")
+    detect.add_argument("--output-mask", type=Path, help="thresholded segmentation to write")
+    detect.add_argument("--output-healthy", type=Path, help="healthy translation (one file per channel when there are several)")
+    _add_detection_options(detect)
+
+    diffusion = commands.add_parser("train-diffusion", help="train the noise predictor on healthy slices")
+    _add_training_options(diffusion)
+    diffusion.add_argument("--channels", type=_name_list, default=("T1", "T1ce", "T2", "FLAIR"), help="channel names in order (BraTS: T1,T1ce,T2,FLAIR; CSV: column names)")
+    diffusion.add_argument("--image-size", type=int, default=64, help="side of the square model images")
+    diffusion.add_argument("--train-on", choices=("healthy", "all"), default="healthy", help="healthy slices only, or all slices with a class embedding (as in the paper)")
+    diffusion.add_argument("--ema-decay", type=float, default=0.999)
+    diffusion.add_argument("--name", default="custom", help="model name for the card")
+    _add_network_options(diffusion, "UNet", "32,64,64", "0,0,1")
+
+    classifier = commands.add_parser("train-classifier", help="train the noisy-input healthy/diseased classifier into a bundle")
+    _add_training_options(classifier)
+    classifier.add_argument("--ema-decay", type=float, default=0.0)
+    _add_network_options(classifier, "classifier", "32,64,64", "0,0,1")
+
+    evaluate = commands.add_parser("evaluate", help="Dice, AUROC, AUPRC and false positives on a labelled cohort")
+    evaluate.add_argument("--model", required=True, type=Path)
+    evaluate.add_argument("--data", required=True, type=Path, help="BraTS-layout folder or CSV with masks")
+    evaluate.add_argument("--json", type=Path, help="also write the full report as JSON")
+    evaluate.add_argument("--limit", type=int, help="only the first N subjects")
+    _add_detection_options(evaluate)
+
+    info = commands.add_parser("info", help="print a model's card")
+    info.add_argument("model", type=Path)
+
+    bench = commands.add_parser("benchmark", help="time the default settings against the paper's on a realistic volume")
+    bench.add_argument("--model", required=True, type=Path)
+    bench.add_argument("--inputs", nargs="+", type=Path, help="a study to time (default: a 155x240x240 head phantom)")
+    bench.add_argument("--paper-slices", default="2", help="slices timed at the paper's setting, or 'all'")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--json", type=Path)
+    return parser
+
+
+def _read_inputs(paths: Sequence[Path], channel_names: Sequence[str]):
+    from .imageio import read_image
+
+    if len(paths) != len(channel_names):
+        raise ValueError(f"this model expects {len(channel_names)} input volume(s), in the order {', '.join(channel_names)}; got {len(paths)}")
+    return [read_image(p) for p in paths]
+
+
+def _healthy_paths(output: Path, channel_names: Sequence[str]) -> List[Path]:
+    if len(channel_names) == 1:
+        return [output]
+    name = output.name
+    stem, suffix = (name[: -len(".nii.gz")], ".nii.gz") if name.endswith(".nii.gz") else (output.stem, output.suffix)
+    return [output.with_name(f"{stem}_{channel}{suffix}") for channel in channel_names]
+
+
+def run_detect(args) -> None:
+    from .detector import AnomalyDetector
+    from .imageio import write_image
+
+    started = time.perf_counter()
+    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    images = _read_inputs(args.inputs, detector.card.channels)
+    bar = _Bar("detecting anomalies")
+    try:
+        result = detector.detect(images, progress=bar, **_detect_options(args))
+    finally:
+        bar.close()
+    write_image(result.anomaly_map, result.geometry, args.output_map)
+    written = [str(args.output_map)]
+    if args.output_mask:
+        write_image(result.mask, result.geometry, args.output_mask)
+        written.append(str(args.output_mask))
+    if args.output_healthy:
+        for path, channel in zip(_healthy_paths(args.output_healthy, detector.card.channels), result.healthy):
+            write_image(channel, result.geometry, path)
+            written.append(str(path))
+    fraction = 100.0 * result.mask.sum() / max(int(result.foreground.sum()), 1)
+    print(
+        f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices, "
+        f"threshold {result.threshold:.4g}, {int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the foreground); "
+        f"wrote {', '.join(written)}"
+    )
+
+
+def _training_settings(args, network: str):
+    from .training import TrainSettings
+
+    checkpoint_dir = args.checkpoint_dir or args.out.with_name(args.out.name + "-checkpoints") / network
+    return TrainSettings(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        precision=args.precision,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=args.device,
+        show_progress=not args.no_progress,
+        extra={"data": str(args.data), "min_foreground": args.min_foreground},
+    )
+
+
+def _network_config(args):
+    from .config import NetworkConfig
+
+    return NetworkConfig(
+        channels=args.widths,
+        attention_levels=args.attention_levels,
+        num_res_blocks=args.res_blocks,
+        num_head_channels=args.head_channels,
+        norm_num_groups=args.norm_groups,
+    )
+
+
+def _dataset(args, card):
+    from .data import SliceDataset, load_subjects
+
+    subjects = load_subjects(args.data, card.channels)
+    bar = _Bar("reading subjects", unit="subject") if not args.no_progress else None
+    try:
+        dataset = SliceDataset.from_subjects(subjects, card, args.min_foreground, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return subjects, dataset
+
+
+def run_train_diffusion(args) -> None:
+    from .bundle import CARD_FILE, load_card
+    from .config import ModelCard
+    from .training import train_diffusion
+
+    card = ModelCard(
+        channels=args.channels,
+        image_size=(args.image_size, args.image_size),
+        unet=_network_config(args),
+        class_conditional=args.train_on == "all",
+        name=args.name,
+    )
+    card.validate()
+    if (args.out / CARD_FILE).is_file():
+        existing = load_card(args.out)
+        same_data = (existing.channels, existing.image_size, existing.normalisation, existing.schedule) == (card.channels, card.image_size, card.normalisation, card.schedule)
+        if same_data and existing.classifier is not None:
+            card.classifier = existing.classifier
+            card.training["classifier"] = existing.training.get("classifier")
+            card.defaults, card.metrics, card.description = existing.defaults, existing.metrics, existing.description
+    subjects, dataset = _dataset(args, card)
+    settings = _training_settings(args, "diffusion")
+    settings.extra["subjects"] = len(subjects)
+    out = train_diffusion(dataset, card, args.out, settings)
+    if out is not None:
+        print(f"wrote the diffusion model to {out}")
+
+
+def run_train_classifier(args) -> None:
+    from .bundle import CARD_FILE, load_card
+    from .training import train_classifier
+
+    if not (args.out / CARD_FILE).is_file():
+        raise ValueError(f"no diffusion model at {args.out}: run train-diffusion with --out {args.out} first")
+    card = load_card(args.out)
+    card.classifier = _network_config(args)
+    card.validate()
+    subjects, dataset = _dataset(args, card)
+    settings = _training_settings(args, "classifier")
+    settings.extra["subjects"] = len(subjects)
+    out = train_classifier(dataset, card, args.out, settings)
+    if out is not None:
+        print(f"wrote the classifier to {out}")
+
+
+def run_evaluate(args) -> None:
+    from .data import load_subjects
+    from .detector import AnomalyDetector
+    from .evaluation import evaluate_subjects, format_report
+
+    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
+    bar = _Bar("evaluating", unit="subject")
+    try:
+        report = evaluate_subjects(detector, subjects, progress=bar, **_detect_options(args))
+    finally:
+        bar.close()
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def run_info(args) -> None:
+    from .bundle import read_card
+
+    print(json.dumps(read_card(args.model), indent=2))
+
+
+def run_benchmark(args) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .benchmark import format_benchmark, run_benchmark as benchmark
+    from .detector import AnomalyDetector
+    from .imageio import Geometry, check_same_grid
+
+    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    arrays = geometry = None
+    if args.inputs:
+        images = _read_inputs(args.inputs, detector.card.channels)
+        check_same_grid(images, detector.card.channels)
+        arrays = np.stack([sitk.GetArrayFromImage(i) for i in images]).astype(np.float32)
+        geometry = Geometry.of(images[0])
+    paper_slices = None if args.paper_slices == "all" else int(args.paper_slices)
+    report = benchmark(detector, arrays, geometry, paper_slices=paper_slices)
+    print(format_benchmark(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+COMMANDS = {
+    "detect": run_detect,
+    "train-diffusion": run_train_diffusion,
+    "train-classifier": run_train_classifier,
+    "evaluate": run_evaluate,
+    "info": run_info,
+    "benchmark": run_benchmark,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .bundle import BundleError
+    from .translation import TranslationCancelled
+
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, BundleError, TranslationCancelled) as error:
+        print(f"diffusion-anomaly {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

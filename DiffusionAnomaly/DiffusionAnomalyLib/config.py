@@ -1,0 +1,157 @@
+"""Typed configuration of a model bundle: networks, noise schedule, preprocessing, defaults.
+
+Everything here round-trips through the bundle's JSON card (``to_dict`` / ``from_dict``),
+so a card is the single description of how a model was built and how it must be used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar, Union
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: Type[T], data: Dict[str, Any], where: str) -> T:
+    """Builds a dataclass from a dict, naming unknown keys instead of failing obscurely."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in '{where}' of the model card")
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)  # type: ignore[call-arg]
+
+
+@dataclass
+class NetworkConfig:
+    """Widths of a MONAI diffusion UNet or of its encoder half used as a classifier.
+
+    Args:
+        channels: feature channels per resolution level.
+        attention_levels: whether each level has a self-attention block.
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_num_groups: GroupNorm groups; must divide every entry of ``channels``.
+    """
+
+    channels: Tuple[int, ...] = (32, 64, 64)
+    attention_levels: Tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+
+    def validate(self, name: str) -> None:
+        if len(self.channels) != len(self.attention_levels):
+            raise ValueError(f"{name}: 'channels' and 'attention_levels' must have the same length")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"{name}: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The forward-noising schedule the networks were trained with (DDPM linear beta)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class NormalisationConfig:
+    """How a volume's intensities are mapped to the network range [-1, 1].
+
+    Each channel is scaled over the *whole volume's* foreground (never per slice, so a
+    tumour cannot change the intensity scale of its slice): the ``lower_percentile`` maps
+    to 0 and the ``upper_percentile`` to 1, values are clipped to [0, ``clip_max``],
+    then mapped to [-1, 1] by ``2 * v - 1``. Voxels outside the foreground become -1.
+
+    Args:
+        foreground: ``"nonzero"`` (skull-stripped data: any channel non-zero) or
+            ``"otsu"`` (Otsu threshold of the first channel, for data with a noisy background).
+    """
+
+    foreground: str = "nonzero"
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    clip_max: float = 1.0
+
+
+@dataclass
+class InferenceDefaults:
+    """Default slider values for this model, chosen by measurement (see the card's metrics)."""
+
+    noise_level: float = 0.5
+    guidance_scale: float = 10.0
+    steps: int = 25
+    threshold: Union[str, float] = "otsu"
+    min_component_voxels: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild and correctly use a pair of networks.
+
+    Args:
+        channels: channel (sequence) names in the order the networks expect them.
+        image_size: (height, width) of the 2D slices the networks were trained on.
+        unet: noise predictor widths.
+        classifier: time-conditioned classifier widths, or ``None`` if not trained yet.
+        class_conditional: the noise predictor was trained on both classes with a class
+            embedding (then decoding conditions it on the healthy class).
+        healthy_class: label index of "healthy" in the classifier output.
+    """
+
+    channels: Tuple[str, ...] = ("FLAIR",)
+    image_size: Tuple[int, int] = (64, 64)
+    unet: NetworkConfig = field(default_factory=NetworkConfig)
+    classifier: Optional[NetworkConfig] = None
+    class_conditional: bool = False
+    healthy_class: int = 0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
+    defaults: InferenceDefaults = field(default_factory=InferenceDefaults)
+    name: str = "unnamed"
+    description: str = ""
+    training: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    _NESTED = {
+        "unet": NetworkConfig,
+        "classifier": NetworkConfig,
+        "schedule": ScheduleConfig,
+        "normalisation": NormalisationConfig,
+        "defaults": InferenceDefaults,
+    }
+
+    def validate(self) -> None:
+        if not self.channels:
+            raise ValueError("the model card names no channels")
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise ValueError(f"image_size must be two sizes >= 8, got {self.image_size}")
+        self.unet.validate("unet")
+        if self.classifier is not None:
+            self.classifier.validate("classifier")
+        if self.healthy_class not in (0, 1):
+            raise ValueError("healthy_class must be 0 or 1")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelCard":
+        data = dict(data)
+        for key, sub_cls in cls._NESTED.items():
+            if data.get(key) is not None:
+                data[key] = _from_dict(sub_cls, data[key], key)
+        card = _from_dict(cls, data, "card")
+        card.image_size = tuple(int(s) for s in card.image_size)  # type: ignore[assignment]
+        card.validate()
+        return card

@@ -1,0 +1,290 @@
+"""Whole-volume anomaly detection: volumes in, anomaly map / mask / healthy translation out.
+
+The detector reorients the channels to axial slices, normalises them over the volume's
+foreground, runs :func:`translate` on all slices with foreground in batches, and maps the
+results back onto the input's voxel grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import ModelBundle, load_bundle
+from .config import ModelCard
+from .imageio import Geometry, check_same_grid
+from .networks import noise_predictor, time_classifier
+from .preprocessing import BACKGROUND, denormalise, otsu_threshold, prepare_volume
+from .translation import TimeModel, ddim_timesteps, translate
+
+ChannelInput = Union[np.ndarray, sitk.Image]
+Threshold = Union[str, float]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks the GPU when PyTorch sees one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but PyTorch sees no GPU; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on GPUs that support it (fp16 otherwise), fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def threshold_map(anomaly_map: np.ndarray, foreground: np.ndarray, threshold: Threshold = "otsu", min_component_voxels: int = 0) -> Tuple[np.ndarray, float]:
+    """Segments an anomaly map: ``map > threshold`` inside the foreground.
+
+    ``threshold`` is ``"otsu"`` (Otsu's threshold of the map over the foreground, as in the
+    paper) or a value in map units. Connected components smaller than
+    ``min_component_voxels`` are removed. Returns the uint8 mask and the threshold used.
+    """
+    if isinstance(threshold, str):
+        if threshold != "otsu":
+            raise ValueError(f"threshold must be 'otsu' or a number, got {threshold!r}")
+        value = otsu_threshold(anomaly_map[foreground])
+    else:
+        value = float(threshold)
+    mask = ((anomaly_map > value) & foreground).astype(np.uint8)
+    if min_component_voxels > 1 and mask.any():
+        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask))
+        kept = sitk.RelabelComponent(components, minimumObjectSize=int(min_component_voxels))
+        mask = (sitk.GetArrayFromImage(kept) > 0).astype(np.uint8)
+    return mask, value
+
+
+@dataclass
+class DetectionResult:
+    """Outputs on the input's voxel grid (numpy order (k, j, i); 2D inputs stay 2D).
+
+    Attributes:
+        anomaly_map: Σ over channels of |x − x̂| in normalised units (each channel's
+            foreground percentile range is 1), zero outside the foreground.
+        mask: ``anomaly_map > threshold`` (uint8).
+        healthy: the healthy translation per channel, in the input's intensity units.
+        foreground: the voxels the map was computed on, for re-thresholding.
+        threshold: the threshold value that produced ``mask``.
+    """
+
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    healthy: List[np.ndarray]
+    foreground: np.ndarray
+    threshold: float
+    geometry: Geometry
+    slices_processed: int
+    seconds: float
+
+
+@dataclass
+class _CheckedInput:
+    arrays: np.ndarray  # (C, k, j, i) float32
+    geometry: Geometry
+    was_2d: bool
+
+
+class AnomalyDetector:
+    """Detects anomalies in a multi-channel volume with a trained pair of networks.
+
+    Args:
+        card: the model card (channel order, image size, normalisation, defaults).
+        eps_model: ε_θ(x_t, t) on the device.
+        classifier: C(x_t, t) on the device, or ``None`` (then only guidance 0 works).
+        device: where the networks live.
+    """
+
+    def __init__(self, card: ModelCard, eps_model: TimeModel, classifier: Optional[TimeModel], device: Union[str, torch.device] = "cpu") -> None:
+        self.card = card
+        self.eps_model = eps_model
+        self.classifier = classifier
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_bundle(cls, bundle: Union[str, Path, ModelBundle], device: str = "auto") -> "AnomalyDetector":
+        target = resolve_device(device)
+        if not isinstance(bundle, ModelBundle):
+            bundle = load_bundle(bundle, device=target)
+        else:
+            bundle.to(target)
+        card = bundle.card
+        eps_model = noise_predictor(bundle.unet, card.healthy_class if card.class_conditional else None)
+        classifier = time_classifier(bundle.classifier) if bundle.classifier is not None else None
+        return cls(card, eps_model, classifier, target)
+
+    # -- input checks -----------------------------------------------------------------
+
+    def _check_inputs(self, channels: Sequence[ChannelInput], geometry: Optional[Geometry]) -> _CheckedInput:
+        names = list(self.card.channels)
+        if len(channels) != len(names):
+            raise ValueError(
+                f"this model expects {len(names)} channel(s) in the order {', '.join(names)}; got {len(channels)}"
+            )
+        images = [c for c in channels if isinstance(c, sitk.Image)]
+        if images and len(images) != len(channels):
+            raise ValueError("give all channels either as SimpleITK images or as numpy arrays, not a mix")
+        if images:
+            for name, image in zip(names, images):
+                if image.GetNumberOfComponentsPerPixel() != 1:
+                    raise ValueError(f"channel {name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; give one scalar volume per channel")
+                if image.GetDimension() not in (2, 3):
+                    raise ValueError(f"channel {name} is a {image.GetDimension()}D image; give one 3D volume (or 2D slice) per channel")
+            check_same_grid(images, names)
+            was_2d = images[0].GetDimension() == 2
+            if was_2d:
+                images = [sitk.JoinSeries(image) for image in images]
+            geometry = Geometry.of(images[0])
+            arrays = [sitk.GetArrayFromImage(image) for image in images]
+        else:
+            arrays = [np.asarray(c) for c in channels]
+            for name, array in zip(names, arrays):
+                if array.ndim not in (2, 3):
+                    raise ValueError(f"channel {name} is a {array.ndim}D array; give one 3D volume (or 2D slice) per channel")
+                if array.shape != arrays[0].shape:
+                    raise ValueError(f"channel {name} has shape {array.shape} but {names[0]} has {arrays[0].shape}: all channels must share one voxel grid")
+            was_2d = arrays[0].ndim == 2
+            if was_2d:
+                arrays = [a[np.newaxis] for a in arrays]
+            geometry = geometry or Geometry()
+        for name, array in zip(names, arrays):
+            if array.size == 0:
+                raise ValueError(f"channel {name} is empty (no voxels)")
+            if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+                raise ValueError(f"channel {name} has voxel type {array.dtype}; a real-valued scalar image is needed")
+            if not np.isfinite(array).all():
+                raise ValueError(f"channel {name} contains NaN or infinite values; fix or mask them before detection")
+        return _CheckedInput(np.stack(arrays).astype(np.float32), geometry, was_2d)
+
+    # -- detection --------------------------------------------------------------------
+
+    def detect(
+        self,
+        channels: Sequence[ChannelInput],
+        geometry: Optional[Geometry] = None,
+        *,
+        noise_level: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        steps: Optional[int] = None,
+        threshold: Optional[Threshold] = None,
+        min_component_voxels: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        precision: str = "auto",
+        axial_slices: Optional[Sequence[int]] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+    ) -> DetectionResult:
+        """Runs the guided translation on every axial slice with foreground.
+
+        Args:
+            channels: one volume per model channel, in the card's order: SimpleITK images,
+                or numpy arrays (k, j, i) whose grid is ``geometry``. A 2D image is one slice.
+            noise_level, guidance_scale, steps, threshold, min_component_voxels, batch_size:
+                override the card's defaults.
+            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the network passes.
+            axial_slices: restrict the work to these canonical axial slice indices
+                (inferior to superior), e.g. to preview one slice; others get a zero map.
+            progress: ``progress(done, total)`` over all network steps of all batches.
+            cancel: polled between steps; when it returns true, :class:`TranslationCancelled`
+                is raised and nothing is returned.
+        """
+        started = time.perf_counter()
+        defaults = self.card.defaults
+        noise_level = defaults.noise_level if noise_level is None else noise_level
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        steps = defaults.steps if steps is None else steps
+        threshold = defaults.threshold if threshold is None else threshold
+        min_component_voxels = defaults.min_component_voxels if min_component_voxels is None else min_component_voxels
+        batch_size = max(1, defaults.batch_size if batch_size is None else batch_size)
+
+        volume = self._check_inputs(channels, geometry)
+        prepared = prepare_volume(
+            volume.arrays,
+            volume.geometry.direction,
+            self.card.channels,
+            self.card.image_size,
+            self.card.normalisation,
+            axial_slices=axial_slices,
+        )
+        model_input, indices, frame = prepared.images, prepared.indices, prepared.frame
+        canonical, foreground, orientation = prepared.canonical, prepared.foreground, prepared.orientation
+        translated = self._translate_in_batches(model_input, noise_level, guidance_scale, steps, batch_size, precision, progress, cancel)
+
+        plane = canonical.shape[2:]
+        # The map is taken at the model's resolution: the translation cannot restore detail
+        # finer than that, and comparing at full resolution would light up every edge.
+        small_map = (model_input - translated).abs().sum(dim=1, keepdim=True) / 2.0
+        anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
+        healthy_model = prepared.normalised.copy()
+        if indices:
+            anomaly[indices] = frame.from_model(small_map, plane, fill=0.0)[:, 0]
+            healthy_model[:, indices] = np.moveaxis(frame.from_model(translated, plane, fill=BACKGROUND), 0, 1)
+        anomaly = np.clip(anomaly, 0.0, None) * foreground
+        healthy = np.where(foreground, denormalise(healthy_model, prepared.scale), canonical)
+        mask, threshold_value = threshold_map(anomaly, foreground, threshold, min_component_voxels)
+
+        def back(array: np.ndarray) -> np.ndarray:
+            out = np.ascontiguousarray(orientation.from_canonical(array))
+            return out[..., 0, :, :] if volume.was_2d else out
+
+        return DetectionResult(
+            anomaly_map=back(anomaly),
+            mask=back(mask),
+            healthy=[back(channel).astype(np.float32) for channel in healthy],
+            foreground=back(foreground),
+            threshold=threshold_value,
+            geometry=volume.geometry,
+            slices_processed=len(indices),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _translate_in_batches(self, images, noise_level, guidance_scale, steps, batch_size, precision, progress, cancel) -> torch.Tensor:
+        """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory."""
+        precision = resolve_precision(precision, self.device)
+        steps_per_slice = 2 * (len(ddim_timesteps(noise_level, steps, self.card.schedule.num_train_timesteps)) - 1)
+        total = len(images) * steps_per_slice
+        outputs: List[torch.Tensor] = []
+        start = 0
+        while start < len(images):
+            batch = images[start : start + batch_size].to(self.device)
+
+            def batch_progress(done: int, _: int) -> None:
+                if progress is not None:
+                    progress((start * steps_per_slice) + done * len(batch), total)
+
+            try:
+                result = translate(
+                    batch,
+                    self.eps_model,
+                    self.classifier,
+                    noise_level=noise_level,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    healthy_class=self.card.healthy_class,
+                    schedule=self.card.schedule,
+                    precision=precision,
+                    progress=batch_progress,
+                    cancel=cancel,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            outputs.append(result.cpu())
+            start += len(batch)
+        return torch.cat(outputs) if outputs else images.clone()

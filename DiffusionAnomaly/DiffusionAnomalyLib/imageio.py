@@ -1,0 +1,83 @@
+"""Reading and writing volumes (NIfTI, NRRD, anything SimpleITK reads) with their geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+GEOMETRY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a volume in SimpleITK conventions (LPS, index order i, j, k).
+
+    Arrays that go with it are in numpy order (k, j, i), as ``sitk.GetArrayFromImage`` gives.
+    """
+
+    spacing: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, ...] = (0.0, 0.0, 0.0)
+    direction: Tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def applied_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def differences(self, other: "Geometry") -> list:
+        """Names of the grid properties that differ beyond a small tolerance."""
+        return [
+            name
+            for name in ("spacing", "origin", "direction")
+            if not np.allclose(getattr(self, name), getattr(other, name), atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE)
+        ]
+
+
+def read_image(path: Union[str, Path]) -> sitk.Image:
+    """Reads one volume, with a message that names the file when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"cannot read {path} as an image (NIfTI .nii/.nii.gz or NRRD .nrrd expected): {error}") from error
+
+
+def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    return geometry.applied_to(sitk.GetImageFromArray(array))
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: Union[str, Path]) -> Path:
+    """Writes an array with the given geometry; the format follows the file extension."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(array_to_image(array, geometry), str(path), useCompression=True)
+    return path
+
+
+def check_same_grid(images: Sequence[sitk.Image], names: Sequence[str]) -> None:
+    """Refuses channels that are not on one voxel grid, naming the first mismatch."""
+    reference = images[0]
+    for name, image in zip(names[1:], images[1:]):
+        if image.GetSize() != reference.GetSize():
+            raise ValueError(
+                f"channel {name} has size {image.GetSize()} but {names[0]} has {reference.GetSize()}: "
+                "all channels must share one voxel grid; resample them onto the first channel"
+            )
+        differing = Geometry.of(reference).differences(Geometry.of(image))
+        if differing:
+            raise ValueError(
+                f"channel {name} differs from {names[0]} in {', '.join(differing)}: all channels must share "
+                "one voxel grid; resample them onto the first channel"
+            )
