@@ -38,13 +38,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _cpu_has_fast_bf16() -> bool:
+    cpu = torch.cpu
+    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on GPUs that support it (fp16 otherwise), fp32 on the CPU."""
+    """``auto``: bf16 autocast on GPUs that support it (fp16 otherwise) and on CPUs with
+    bf16 instructions (AMX or AVX512-BF16, where it halves the time); fp32 elsewhere."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 
 def threshold_map(anomaly_map: np.ndarray, foreground: np.ndarray, threshold: Threshold = "otsu", min_component_voxels: int = 0) -> Tuple[np.ndarray, float]:
