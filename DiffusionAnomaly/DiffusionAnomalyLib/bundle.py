@@ -123,6 +123,23 @@ def load_card(path: Union[str, Path]) -> ModelCard:
         raise BundleError(f"the model card in {bundle_dir(path)} is incompatible: {error}") from error
 
 
+def update_card(path: Union[str, Path], card: ModelCard) -> Path:
+    """Rewrites a bundle's card (defaults, metrics, description) without touching its weights.
+
+    The architecture must stay the same: the weights were made for it.
+    """
+    folder = bundle_dir(path)
+    document = read_card(folder)
+    current = load_card(folder)
+    for name in ("channels", "image_size", "unet", "classifier", "class_conditional", "healthy_class", "schedule", "normalisation"):
+        if getattr(current, name) != getattr(card, name):
+            raise ValueError(f"'{name}' describes the weights and cannot change without retraining")
+    card.validate()
+    updated = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict(), "weights": document["weights"]}
+    _write_atomically(folder / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(updated, indent=2) + "\n"))
+    return folder
+
+
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> ModelBundle:
     """Loads and verifies a bundle; networks are returned in eval mode on ``device``."""
     folder = bundle_dir(path)

@@ -126,10 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, type=Path, help="BraTS-layout folder or CSV with masks")
     evaluate.add_argument("--json", type=Path, help="also write the full report as JSON")
     evaluate.add_argument("--limit", type=int, help="only the first N subjects")
+    evaluate.add_argument("--record", metavar="NAME", help="also store the pooled figures and settings in the model card's metrics under NAME")
+    evaluate.add_argument("--slice-step", type=int, default=1, help="score every N-th axial slice only (quick sweeps)")
+    evaluate.add_argument("--also-thresholds", type=lambda v: [_floats_or_otsu(x) for x in v.split(",")], default=[],
+                          help="comma-separated thresholds ('otsu' or values) also scored from the same maps")
     _add_detection_options(evaluate)
+
+    demo = commands.add_parser("demo", help="run the bundled model on the bundled sample study and draw a figure")
+    demo.add_argument("--out", type=Path, default=Path("diffusion-anomaly-demo"), help="folder for the outputs (default ./diffusion-anomaly-demo)")
+    _add_detection_options(demo)
 
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
+
+    defaults = commands.add_parser("set-defaults", help="store measured default settings in a model's card")
+    defaults.add_argument("model", type=Path)
+    defaults.add_argument("--noise-level", type=float)
+    defaults.add_argument("--guidance-scale", type=float)
+    defaults.add_argument("--steps", type=int)
+    defaults.add_argument("--threshold", type=_floats_or_otsu)
+    defaults.add_argument("--min-component-voxels", type=int)
+    defaults.add_argument("--batch-size", type=int)
+    defaults.add_argument("--description", help="the model's description in the card")
 
     synth = commands.add_parser("synth", help="write a synthetic BraTS-layout dataset on real anatomy (needs the [synth] extra)")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to write")
@@ -291,14 +309,65 @@ def run_evaluate(args) -> None:
     subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
     bar = _Bar("evaluating", unit="subject")
     try:
-        report = evaluate_subjects(detector, subjects, progress=bar, **_detect_options(args))
+        report = evaluate_subjects(
+            detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, progress=bar, **_detect_options(args)
+        )
     finally:
         bar.close()
     print(format_report(report))
+    if args.record:
+        from .bundle import load_card, update_card
+
+        card = load_card(args.model)
+        card.metrics[args.record] = {
+            "data": str(args.data),
+            "settings": report["settings"],
+            "counts": report["counts"],
+            "pooled": report["pooled"],
+            "mean": report["mean"],
+            "healthy_subjects_fp_percent": report["healthy_subjects_fp_percent"],
+            "thresholds": report["thresholds"],
+        }
+        update_card(args.model, card)
+        print(f"recorded as '{args.record}' in the card of {args.model}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def run_demo(args) -> None:
+    from .demo import run_demo as demo
+
+    bar = _Bar("detecting anomalies in the sample study")
+    try:
+        summary = demo(args.out, device=args.device, progress=bar, **_detect_options(args))
+    finally:
+        bar.close()
+    for name, path in summary["files"].items():
+        print(f"{name:>14}: {path}")
+
+    def score(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(
+        f"sample study: Dice {score(summary['dice'])}, pixel AUROC {score(summary['auroc'])}, AUPRC {score(summary['auprc'])} "
+        f"against the ground truth; {summary['slices']} slices in {summary['detection_seconds']:.1f} s on {summary['device']} "
+        f"({summary['total_seconds']:.1f} s in all)"
+    )
+
+
+def run_set_defaults(args) -> None:
+    from .bundle import load_card, update_card
+
+    card = load_card(args.model)
+    for name in ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "batch_size"):
+        if getattr(args, name) is not None:
+            setattr(card.defaults, name, getattr(args, name))
+    if args.description is not None:
+        card.description = args.description
+    update_card(args.model, card)
+    print(json.dumps(card.to_dict()["defaults"], indent=2))
 
 
 def run_info(args) -> None:
@@ -349,6 +418,8 @@ COMMANDS = {
     "info": run_info,
     "benchmark": run_benchmark,
     "synth": run_synth,
+    "demo": run_demo,
+    "set-defaults": run_set_defaults,
 }
 
 

@@ -8,7 +8,7 @@ classifier is scored at the slice level (AUROC of p(diseased | x, t = 0)).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,19 +17,19 @@ from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .data import Subject, read_subject, subject_slices
-from .detector import AnomalyDetector
+from .detector import AnomalyDetector, Threshold, threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
 
 POOLED_VOXELS_PER_SUBJECT = 200_000
 
 
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
     value = compute_dice(torch.from_numpy(prediction[None, None]), torch.from_numpy(truth[None, None]), ignore_empty=True)
     return float(value.item())
 
 
-def _ranking_scores(scores: np.ndarray, truth: np.ndarray) -> Dict[str, Optional[float]]:
+def ranking_scores(scores: np.ndarray, truth: np.ndarray) -> Dict[str, Optional[float]]:
     if truth.all() or not truth.any():
         return {"auroc": None, "auprc": None}
     return {"auroc": float(roc_auc_score(truth, scores)), "auprc": float(average_precision_score(truth, scores))}
@@ -56,39 +56,88 @@ def _slice_probabilities(detector: AnomalyDetector, images: torch.Tensor) -> np.
         return F.softmax(logits.float(), dim=-1)[:, diseased].cpu().numpy()
 
 
+def _evaluated_voxels(shape, direction, slice_step: int) -> Tuple[np.ndarray, List[int]]:
+    """Voxels of every ``slice_step``-th canonical axial slice, on the input grid, and those slice indices."""
+    orientation = Orientation.from_direction(direction)
+    canonical = np.zeros(orientation.to_canonical(np.zeros(shape, dtype=bool)).shape, dtype=bool)
+    chosen = list(range(0, canonical.shape[0], slice_step))
+    canonical[chosen] = True
+    return orientation.from_canonical(canonical), chosen
+
+
+class _ThresholdTally:
+    """Dice and healthy-subject false positives of one threshold, accumulated over subjects."""
+
+    def __init__(self) -> None:
+        self.intersection = self.predicted = self.actual = 0
+        self.dice: List[float] = []
+        self.healthy_fp: List[float] = []
+
+    def add(self, prediction: np.ndarray, truth: np.ndarray, foreground: np.ndarray) -> None:
+        self.intersection += int((prediction & truth).sum())
+        self.predicted += int(prediction.sum())
+        self.actual += int(truth.sum())
+        if truth.any():
+            self.dice.append(dice_score(prediction, truth))
+        elif foreground.any():
+            self.healthy_fp.append(100.0 * float((prediction & foreground).sum()) / float(foreground.sum()))
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        total = self.predicted + self.actual
+        return {
+            "pooled_dice": (2.0 * self.intersection / total) if total else None,
+            "mean_dice": float(np.mean(self.dice)) if self.dice else None,
+            "healthy_subjects_fp_percent": float(np.mean(self.healthy_fp)) if self.healthy_fp else None,
+        }
+
+
 def evaluate_subjects(
     detector: AnomalyDetector,
     subjects: Sequence[Subject],
     *,
+    slice_step: int = 1,
+    extra_thresholds: Sequence[Threshold] = (),
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
     **detect_options,
 ) -> Dict[str, object]:
-    """Runs detection on each subject and scores it; ``detect_options`` go to :meth:`AnomalyDetector.detect`."""
+    """Runs detection on each subject and scores it.
+
+    Args:
+        slice_step: score every n-th axial slice only (1: all), for quick sweeps; only
+            those slices are translated and counted.
+        extra_thresholds: more thresholds (``"otsu"`` or values) whose Dice and
+            false positives are reported from the same maps, without recomputing them.
+        detect_options: passed to :meth:`AnomalyDetector.detect`.
+    """
     rng = np.random.default_rng(seed)
     rows: List[Dict[str, object]] = []
     pooled_scores, pooled_truth, slice_probs, slice_labels = [], [], [], []
-    intersection = predicted = actual = 0
+    tally = _ThresholdTally()
+    extra = {str(t): _ThresholdTally() for t in extra_thresholds}
+    min_component = detect_options.get("min_component_voxels", detector.card.defaults.min_component_voxels)
     for number, subject in enumerate(subjects, 1):
         arrays, reference, mask_array = read_subject(subject, detector.card.channels)
         geometry = Geometry.of(reference)
-        result = detector.detect(list(arrays), geometry, **detect_options)
-        truth = (mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)
-        foreground = result.foreground.astype(bool)
-        prediction = result.mask.astype(bool)
+        evaluated, chosen = _evaluated_voxels(arrays.shape[1:], geometry.direction, slice_step)
+        result = detector.detect(list(arrays), geometry, axial_slices=chosen if slice_step > 1 else None, **detect_options)
+        truth = ((mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)) & evaluated
+        foreground = result.foreground.astype(bool) & evaluated
+        prediction = result.mask.astype(bool) & evaluated
         row: Dict[str, object] = {
             "subject": subject.name,
             "lesion_voxels": int(truth.sum()),
-            "dice": _dice(prediction, truth) if truth.any() else None,
-            **_ranking_scores(result.anomaly_map[foreground], truth[foreground]),
+            "dice": dice_score(prediction, truth) if truth.any() else None,
+            **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
             "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, truth, foreground, geometry.direction),
             "threshold": result.threshold,
             "seconds": round(result.seconds, 2),
         }
         rows.append(row)
-        intersection += int((prediction & truth).sum())
-        predicted += int(prediction.sum())
-        actual += int(truth.sum())
+        tally.add(prediction, truth, foreground)
+        for threshold in extra_thresholds:
+            mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, min_component)
+            extra[str(threshold)].add(mask.astype(bool) & evaluated, truth, foreground)
         voxels = np.flatnonzero(foreground)
         if len(voxels) > POOLED_VOXELS_PER_SUBJECT:
             voxels = rng.choice(voxels, POOLED_VOXELS_PER_SUBJECT, replace=False)
@@ -109,8 +158,8 @@ def evaluate_subjects(
     if labels.any() and not labels.all() and not np.isnan(probabilities).any():
         slice_auroc = float(roc_auc_score(labels, probabilities))
     pooled = {
-        "dice": (2.0 * intersection / (predicted + actual)) if (predicted + actual) else None,
-        **_ranking_scores(np.concatenate(pooled_scores), np.concatenate(pooled_truth)),
+        "dice": tally.summary()["pooled_dice"],
+        **ranking_scores(np.concatenate(pooled_scores), np.concatenate(pooled_truth)),
         "healthy_slice_fp_percent": mean("healthy_slice_fp_percent"),
         "slice_auroc": slice_auroc,
     }
@@ -119,9 +168,10 @@ def evaluate_subjects(
         "subjects": rows,
         "mean": {key: mean(key) for key in ("dice", "auroc", "auprc", "healthy_slice_fp_percent", "seconds")},
         "pooled": pooled,
-        "healthy_subjects_fp_percent": (float(np.mean([r["healthy_slice_fp_percent"] for r in healthy_rows])) if healthy_rows else None),
+        "healthy_subjects_fp_percent": tally.summary()["healthy_subjects_fp_percent"],
+        "thresholds": {name: t.summary() for name, t in extra.items()},
         "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int(labels.sum())},
-        "settings": {k: v for k, v in detect_options.items() if not callable(v)},
+        "settings": {"slice_step": slice_step, **{k: v for k, v in detect_options.items() if not callable(v)}},
     }
 
 
@@ -148,4 +198,9 @@ def format_report(report: Dict[str, object]) -> str:
     )
     lines.append(f"slice-level classifier AUROC: {cell(pooled['slice_auroc'])}")
     lines.append(f"false positives on healthy subjects: {cell(report['healthy_subjects_fp_percent'], 2)} % of brain voxels")
+    for name, scores in report["thresholds"].items():  # type: ignore[union-attr]
+        lines.append(
+            f"threshold {name:>8}: pooled Dice {cell(scores['pooled_dice'])}, mean Dice {cell(scores['mean_dice'])}, "
+            f"healthy-subject false positives {cell(scores['healthy_subjects_fp_percent'], 2)} %"
+        )
     return "\n".join(lines)

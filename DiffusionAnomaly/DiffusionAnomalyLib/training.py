@@ -32,7 +32,9 @@ from tqdm import tqdm
 from .bundle import CARD_FILE, ModelBundle, bundle_dir, load_bundle, save_bundle
 from .config import ModelCard
 from .data import DISEASED, HEALTHY, SliceDataset
+from .detector import resolve_precision
 from .networks import build_classifier, build_unet
+from .translation import PRECISIONS
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -47,7 +49,8 @@ class TrainSettings:
         learning_rate: AdamW learning rate.
         ema_decay: decay of the exponential moving average of the weights (0 disables it).
         seed: seeds Python, NumPy and PyTorch (offset by the process rank).
-        precision: ``auto`` (bf16/fp16 on GPUs, fp32 on CPUs), ``fp32``, ``bf16`` or ``fp16``.
+        precision: ``auto`` (bf16/fp16 on GPUs, bf16 on CPUs with bf16 instructions), ``fp32``,
+            ``bf16`` or ``fp16``.
         checkpoint_dir: where checkpoints go; ``resume`` continues from the latest there.
         checkpoint_every: steps between checkpoints.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -110,11 +113,7 @@ class Distributed:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return PRECISIONS[resolve_precision(precision, device)]
 
 
 def _batches(loader: DataLoader, sampler) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

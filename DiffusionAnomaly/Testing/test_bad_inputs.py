@@ -125,6 +125,19 @@ def test_unknown_card_fields_and_versions_are_reported(tiny_bundle):
         load_bundle(tiny_bundle)
 
 
+def test_card_updates_cannot_change_the_architecture(tiny_bundle):
+    from DiffusionAnomalyLib.bundle import load_card, update_card
+
+    card = load_card(tiny_bundle)
+    card.image_size = (32, 32)
+    with pytest.raises(ValueError, match="image_size.*retraining"):
+        update_card(tiny_bundle, card)
+    card = load_card(tiny_bundle)
+    card.defaults.steps = 7
+    update_card(tiny_bundle, card)
+    assert load_bundle(tiny_bundle).card.defaults.steps == 7, "the weights still verify after a card update"
+
+
 def test_bundle_round_trip_restores_identical_weights(tiny_bundle):
     first = load_bundle(tiny_bundle)
     resaved = save_bundle(tiny_bundle.parent / "copy", first.card, first.unet, first.classifier)

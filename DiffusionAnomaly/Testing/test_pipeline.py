@@ -89,6 +89,21 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
         assert 0.0 <= report["pooled"][key] <= 1.0
     assert report["subjects"][0]["dice"] is None and report["subjects"][0]["healthy_slice_fp_percent"] >= 0
 
+    # A quick sweep: every second slice, more thresholds scored from the same maps.
+    assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "1",
+                 "--noise-level", "0.1", "--slice-step", "2", "--also-thresholds", "otsu,0.05,1000", "--record", "quick"]) == 0
+    sweep = json.loads(report_path.read_text())
+    assert sweep["settings"]["slice_step"] == 2
+    assert sum(row["lesion_voxels"] for row in sweep["subjects"]) < sum(row["lesion_voxels"] for row in report["subjects"])
+    assert sweep["thresholds"]["otsu"]["pooled_dice"] == pytest.approx(sweep["pooled"]["dice"])
+    assert sweep["thresholds"]["1000.0"]["healthy_subjects_fp_percent"] == 0.0
+    assert load_bundle(model).card.metrics["quick"]["settings"]["slice_step"] == 2
+
+    assert main(["set-defaults", str(model), "--steps", "2", "--threshold", "0.3", "--description", "tiny test model"]) == 0
+    card = load_bundle(model).card
+    assert (card.defaults.steps, card.defaults.threshold, card.description) == (2, 0.3, "tiny test model")
+    capsys.readouterr()
+
     assert main(["info", str(model)]) == 0
     assert json.loads(capsys.readouterr().out)["channels"] == ["T1", "FLAIR"]
 
