@@ -58,13 +58,14 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, help="DDIM network evaluations per direction")
     group.add_argument("--threshold", type=_floats_or_otsu, help="'otsu' or a value of the anomaly map")
     group.add_argument("--min-component-voxels", type=int, help="remove segmented components smaller than this")
+    group.add_argument("--map-smoothing", type=float, help="Gaussian sigma (model pixels) applied to the map; 0 = the raw map")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast for the network passes")
 
 
 def _detect_options(args) -> dict:
-    names = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "batch_size", "precision")
+    names = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size", "precision")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults.add_argument("--steps", type=int)
     defaults.add_argument("--threshold", type=_floats_or_otsu)
     defaults.add_argument("--min-component-voxels", type=int)
+    defaults.add_argument("--map-smoothing", type=float)
     defaults.add_argument("--batch-size", type=int)
     defaults.add_argument("--description", help="the model's description in the card")
 
@@ -255,6 +257,16 @@ def _dataset(args, card):
     return subjects, dataset
 
 
+def _train(args, card, network: str, train) -> None:
+    """Reads the slices, trains one network and reports where the bundle went (first process only)."""
+    subjects, dataset = _dataset(args, card)
+    settings = _training_settings(args, network)
+    settings.extra["subjects"] = len(subjects)
+    out = train(dataset, card, args.out, settings)
+    if out is not None:
+        print(f"wrote the {network} network to {out}")
+
+
 def run_train_diffusion(args) -> None:
     from .bundle import CARD_FILE, load_card
     from .config import ModelCard
@@ -275,12 +287,7 @@ def run_train_diffusion(args) -> None:
             card.classifier = existing.classifier
             card.training["classifier"] = existing.training.get("classifier")
             card.defaults, card.metrics, card.description = existing.defaults, existing.metrics, existing.description
-    subjects, dataset = _dataset(args, card)
-    settings = _training_settings(args, "diffusion")
-    settings.extra["subjects"] = len(subjects)
-    out = train_diffusion(dataset, card, args.out, settings)
-    if out is not None:
-        print(f"wrote the diffusion model to {out}")
+    _train(args, card, "diffusion", train_diffusion)
 
 
 def run_train_classifier(args) -> None:
@@ -292,12 +299,7 @@ def run_train_classifier(args) -> None:
     card = load_card(args.out)
     card.classifier = _network_config(args)
     card.validate()
-    subjects, dataset = _dataset(args, card)
-    settings = _training_settings(args, "classifier")
-    settings.extra["subjects"] = len(subjects)
-    out = train_classifier(dataset, card, args.out, settings)
-    if out is not None:
-        print(f"wrote the classifier to {out}")
+    _train(args, card, "classifier", train_classifier)
 
 
 def run_evaluate(args) -> None:
@@ -361,7 +363,7 @@ def run_set_defaults(args) -> None:
     from .bundle import load_card, update_card
 
     card = load_card(args.model)
-    for name in ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "batch_size"):
+    for name in ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size"):
         if getattr(args, name) is not None:
             setattr(card.defaults, name, getattr(args, name))
     if args.description is not None:

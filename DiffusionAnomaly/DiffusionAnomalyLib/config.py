@@ -85,13 +85,19 @@ class NormalisationConfig:
 
 @dataclass
 class InferenceDefaults:
-    """Default slider values for this model, chosen by measurement (see the card's metrics)."""
+    """Default slider values for this model, chosen by measurement (see the card's metrics).
+
+    ``map_smoothing`` is the σ, in model pixels, of a Gaussian applied to the anomaly map
+    before thresholding (0: the raw map of the paper); it suppresses the pixel-level
+    reconstruction noise of healthy tissue, which is not where lesions are.
+    """
 
     noise_level: float = 0.5
     guidance_scale: float = 10.0
     steps: int = 25
     threshold: Union[str, float] = "otsu"
     min_component_voxels: int = 0
+    map_smoothing: float = 0.0
     batch_size: int = 32
 
 

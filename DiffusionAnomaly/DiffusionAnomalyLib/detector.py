@@ -16,6 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from monai.networks.layers import GaussianFilter
+
 from .bundle import ModelBundle, load_bundle
 from .config import ModelCard
 from .imageio import Geometry, check_same_grid
@@ -84,7 +86,8 @@ class DetectionResult:
             foreground percentile range is 1), zero outside the foreground.
         mask: ``anomaly_map > threshold`` (uint8).
         healthy: the healthy translation per channel, in the input's intensity units.
-        foreground: the voxels the map was computed on, for re-thresholding.
+        foreground: the voxels the map was computed on (the foreground of the translated
+            slices), for re-thresholding.
         threshold: the threshold value that produced ``mask``.
     """
 
@@ -188,6 +191,7 @@ class AnomalyDetector:
         steps: Optional[int] = None,
         threshold: Optional[Threshold] = None,
         min_component_voxels: Optional[int] = None,
+        map_smoothing: Optional[float] = None,
         batch_size: Optional[int] = None,
         precision: str = "auto",
         axial_slices: Optional[Sequence[int]] = None,
@@ -199,8 +203,8 @@ class AnomalyDetector:
         Args:
             channels: one volume per model channel, in the card's order: SimpleITK images,
                 or numpy arrays (k, j, i) whose grid is ``geometry``. A 2D image is one slice.
-            noise_level, guidance_scale, steps, threshold, min_component_voxels, batch_size:
-                override the card's defaults.
+            noise_level, guidance_scale, steps, threshold, min_component_voxels, map_smoothing,
+                batch_size: override the card's defaults.
             precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the network passes.
             axial_slices: restrict the work to these canonical axial slice indices
                 (inferior to superior), e.g. to preview one slice; others get a zero map.
@@ -215,6 +219,9 @@ class AnomalyDetector:
         steps = defaults.steps if steps is None else steps
         threshold = defaults.threshold if threshold is None else threshold
         min_component_voxels = defaults.min_component_voxels if min_component_voxels is None else min_component_voxels
+        map_smoothing = defaults.map_smoothing if map_smoothing is None else map_smoothing
+        if map_smoothing < 0:
+            raise ValueError(f"map_smoothing must be >= 0, got {map_smoothing}")
         batch_size = max(1, defaults.batch_size if batch_size is None else batch_size)
 
         volume = self._check_inputs(channels, geometry)
@@ -234,14 +241,19 @@ class AnomalyDetector:
         # The map is taken at the model's resolution: the translation cannot restore detail
         # finer than that, and comparing at full resolution would light up every edge.
         small_map = (model_input - translated).abs().sum(dim=1, keepdim=True) / 2.0
+        if map_smoothing > 0 and len(small_map):
+            small_map = GaussianFilter(spatial_dims=2, sigma=map_smoothing)(small_map)
         anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
         healthy_model = prepared.normalised.copy()
         if indices:
             anomaly[indices] = frame.from_model(small_map, plane, fill=0.0)[:, 0]
             healthy_model[:, indices] = np.moveaxis(frame.from_model(translated, plane, fill=BACKGROUND), 0, 1)
-        anomaly = np.clip(anomaly, 0.0, None) * foreground
-        healthy = np.where(foreground, denormalise(healthy_model, prepared.scale), canonical)
-        mask, threshold_value = threshold_map(anomaly, foreground, threshold, min_component_voxels)
+        # Only the translated slices count, e.g. for Otsu's threshold of a one-slice preview.
+        analysed = np.zeros_like(foreground)
+        analysed[indices] = foreground[indices]
+        anomaly = np.clip(anomaly, 0.0, None) * analysed
+        healthy = np.where(analysed, denormalise(healthy_model, prepared.scale), canonical)
+        mask, threshold_value = threshold_map(anomaly, analysed, threshold, min_component_voxels)
 
         def back(array: np.ndarray) -> np.ndarray:
             out = np.ascontiguousarray(orientation.from_canonical(array))
@@ -251,7 +263,7 @@ class AnomalyDetector:
             anomaly_map=back(anomaly),
             mask=back(mask),
             healthy=[back(channel).astype(np.float32) for channel in healthy],
-            foreground=back(foreground),
+            foreground=back(analysed),
             threshold=threshold_value,
             geometry=volume.geometry,
             slices_processed=len(indices),
