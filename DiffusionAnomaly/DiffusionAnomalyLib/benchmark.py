@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .detector import AnomalyDetector
+from .detector import AnomalyDetector, resolve_precision
 from .imageio import Geometry
 from .preprocessing import Orientation
 
@@ -101,7 +101,13 @@ def run_benchmark(
         arrays = phantom_volume(len(detector.card.channels))
     geometry = geometry or Geometry()
     defaults = detector.card.defaults
-    default_options = {"noise_level": defaults.noise_level, "steps": defaults.steps, "batch_size": defaults.batch_size, "guidance_scale": defaults.guidance_scale}
+    default_options = {
+        "noise_level": defaults.noise_level,
+        "steps": defaults.steps,
+        "batch_size": defaults.batch_size,
+        "guidance_scale": defaults.guidance_scale,
+        "precision": resolve_precision("auto", detector.device),
+    }
     default_run = _timed(detector, arrays, geometry, None, default_options)
     volume_slices = default_run["slices"]
     chosen = None
@@ -127,7 +133,7 @@ def format_benchmark(report: Dict[str, object]) -> str:
     return "\n".join(
         [
             f"device: {report['device']}; volume {report['volume_shape']}, {report['slices_with_foreground']} slices with foreground",
-            f"default  (L={default['noise_level']}, {default['steps']} steps, batch {default['batch_size']}): "
+            f"default  (L={default['noise_level']}, {default['steps']} steps, batch {default['batch_size']}, {default['precision']}): "
             f"{default['seconds_per_slice']:.3f} s/slice, {default['seconds']:.1f} s/volume, peak memory {default['peak_memory_mib']:.0f} MiB",
             f"paper    (L=0.5, every step, batch 1, fp32): {paper['seconds_per_slice']:.3f} s/slice over {paper['slices']} slice(s), "
             f"{paper['volume_seconds']:.1f} s/volume ({paper['volume_seconds_from']}), peak memory {paper['peak_memory_mib']:.0f} MiB",

@@ -65,7 +65,7 @@ def save_figure(flair: np.ndarray, healthy: np.ndarray, result: DetectionResult,
         shown = axes[row, 2].imshow(overlay, cmap="inferno", vmin=0, vmax=top, alpha=0.75)
         axes[row, 3].contour(truth_c[index].astype(float), levels=[0.5], colors="lime", linewidths=1.2)
         axes[row, 3].contour(mask_c[index].astype(float), levels=[0.5], colors="red", linewidths=1.2)
-    figure.colorbar(shown, ax=axes[:, 2].tolist(), fraction=0.046, label="anomaly (normalised units)")
+    figure.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="anomaly (normalised units)")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(figure)

@@ -27,3 +27,11 @@ def test_engine_imports_neither_slicer_nor_qt():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in {"slicer", "qt", "ctk", "vtk", "PythonQt"}, f"{path.name} imports {name}"
+
+
+def test_engine_parses_as_python_3_9_for_older_slicer_releases():
+    for path in (MODULE_DIR / "DiffusionAnomalyLib").glob("*.py"):
+        source = path.read_text()
+        ast.parse(source, filename=str(path), feature_version=(3, 9))
+        if "|" in source or "list[" in source or "dict[" in source:
+            assert "from __future__ import annotations" in source, f"{path.name} needs postponed annotations on 3.9"
