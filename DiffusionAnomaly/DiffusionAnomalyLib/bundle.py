@@ -68,6 +68,9 @@ def _write_atomically(target: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; a bundle is meant to be shared
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
