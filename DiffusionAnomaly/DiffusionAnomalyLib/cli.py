@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 from . import __version__
 
 
-def _floats_or_otsu(value: str):
+def _threshold_value(value: str):
     if value.lower() == "otsu":
         return "otsu"
     try:
@@ -56,7 +56,7 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise-level", type=float, help="encoding depth L as a fraction of the 1000 training steps (e.g. 0.5)")
     group.add_argument("--guidance-scale", type=float, help="classifier guidance s toward healthy; 0 = plain reconstruction")
     group.add_argument("--steps", type=int, help="DDIM network evaluations per direction")
-    group.add_argument("--threshold", type=_floats_or_otsu, help="'otsu' or a value of the anomaly map")
+    group.add_argument("--threshold", type=_threshold_value, help="'otsu' or a value of the anomaly map")
     group.add_argument("--min-component-voxels", type=int, help="remove segmented components smaller than this")
     group.add_argument("--map-smoothing", type=float, help="Gaussian sigma (model pixels) applied to the map; 0 = the raw map")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
@@ -64,8 +64,12 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast for the network passes")
 
 
+# The detection settings a model card stores as defaults (see InferenceDefaults).
+CARD_SETTINGS = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size")
+
+
 def _detect_options(args) -> dict:
-    names = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size", "precision")
+    names = CARD_SETTINGS + ("precision",)
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N subjects")
     evaluate.add_argument("--record", metavar="NAME", help="also store the pooled figures and settings in the model card's metrics under NAME")
     evaluate.add_argument("--slice-step", type=int, default=1, help="score every N-th axial slice only (quick sweeps)")
-    evaluate.add_argument("--also-thresholds", type=lambda v: [_floats_or_otsu(x) for x in v.split(",")], default=[],
+    evaluate.add_argument("--also-thresholds", type=lambda v: [_threshold_value(x) for x in v.split(",")], default=[],
                           help="comma-separated thresholds ('otsu' or values) also scored from the same maps")
     _add_detection_options(evaluate)
 
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults.add_argument("--noise-level", type=float)
     defaults.add_argument("--guidance-scale", type=float)
     defaults.add_argument("--steps", type=int)
-    defaults.add_argument("--threshold", type=_floats_or_otsu)
+    defaults.add_argument("--threshold", type=_threshold_value)
     defaults.add_argument("--min-component-voxels", type=int)
     defaults.add_argument("--map-smoothing", type=float)
     defaults.add_argument("--batch-size", type=int)
@@ -363,7 +367,7 @@ def run_set_defaults(args) -> None:
     from .bundle import load_card, update_card
 
     card = load_card(args.model)
-    for name in ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size"):
+    for name in CARD_SETTINGS:
         if getattr(args, name) is not None:
             setattr(card.defaults, name, getattr(args, name))
     if args.description is not None:

@@ -129,16 +129,23 @@ class SubjectSlices:
     labels: np.ndarray  # per prepared slice: 0 healthy, 1 diseased
 
 
-def subject_slices(subject: Subject, card: ModelCard, min_foreground_fraction: float = 0.0) -> SubjectSlices:
-    """A subject's model-size slices and their image-level labels (healthy when it has no mask)."""
-    arrays, reference, mask = read_subject(subject, card.channels)
-    prepared = prepare_volume(arrays, reference.GetDirection(), card.channels, card.image_size, card.normalisation, min_foreground_fraction)
+def labelled_slices(
+    arrays: np.ndarray, direction: Sequence[float], mask: Optional[np.ndarray], card: ModelCard, min_foreground_fraction: float = 0.0
+) -> SubjectSlices:
+    """Model-size slices of a (C, k, j, i) volume and their image-level labels (healthy without a mask)."""
+    prepared = prepare_volume(arrays, direction, card.channels, card.image_size, card.normalisation, min_foreground_fraction)
     if mask is None:
         labels = np.zeros(len(prepared.indices), dtype=np.int64)
     else:
         lesion = prepared.orientation.to_canonical(mask > 0)
         labels = lesion[prepared.indices].reshape(len(prepared.indices), -1).any(axis=1).astype(np.int64)
     return SubjectSlices(prepared, labels)
+
+
+def subject_slices(subject: Subject, card: ModelCard, min_foreground_fraction: float = 0.0) -> SubjectSlices:
+    """A subject's model-size slices and their image-level labels, read from its files."""
+    arrays, reference, mask = read_subject(subject, card.channels)
+    return labelled_slices(arrays, reference.GetDirection(), mask, card, min_foreground_fraction)
 
 
 class SliceDataset(Dataset):

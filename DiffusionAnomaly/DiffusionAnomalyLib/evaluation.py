@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .data import Subject, read_subject, subject_slices
+from .data import Subject, labelled_slices, read_subject
 from .detector import AnomalyDetector, Threshold, threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
@@ -73,14 +73,15 @@ class _ThresholdTally:
         self.dice: List[float] = []
         self.healthy_fp: List[float] = []
 
-    def add(self, prediction: np.ndarray, truth: np.ndarray, foreground: np.ndarray) -> None:
+    def add(self, prediction: np.ndarray, truth: np.ndarray, foreground: np.ndarray, healthy_subject: bool) -> None:
         self.intersection += int((prediction & truth).sum())
         self.predicted += int(prediction.sum())
         self.actual += int(truth.sum())
-        if truth.any():
+        if healthy_subject:
+            if foreground.any():
+                self.healthy_fp.append(100.0 * float((prediction & foreground).sum()) / float(foreground.sum()))
+        elif truth.any():
             self.dice.append(dice_score(prediction, truth))
-        elif foreground.any():
-            self.healthy_fp.append(100.0 * float((prediction & foreground).sum()) / float(foreground.sum()))
 
     def summary(self) -> Dict[str, Optional[float]]:
         total = self.predicted + self.actual
@@ -121,11 +122,14 @@ def evaluate_subjects(
         geometry = Geometry.of(reference)
         evaluated, chosen = _evaluated_voxels(arrays.shape[1:], geometry.direction, slice_step)
         result = detector.detect(list(arrays), geometry, axial_slices=chosen if slice_step > 1 else None, **detect_options)
-        truth = ((mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)) & evaluated
+        lesion = (mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)
+        healthy_subject = not lesion.any()
+        truth = lesion & evaluated
         foreground = result.foreground.astype(bool) & evaluated
         prediction = result.mask.astype(bool) & evaluated
         row: Dict[str, object] = {
             "subject": subject.name,
+            "healthy": healthy_subject,
             "lesion_voxels": int(truth.sum()),
             "dice": dice_score(prediction, truth) if truth.any() else None,
             **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
@@ -134,16 +138,16 @@ def evaluate_subjects(
             "seconds": round(result.seconds, 2),
         }
         rows.append(row)
-        tally.add(prediction, truth, foreground)
+        tally.add(prediction, truth, foreground, healthy_subject)
         for threshold in extra_thresholds:
             mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, min_component)
-            extra[str(threshold)].add(mask.astype(bool) & evaluated, truth, foreground)
+            extra[str(threshold)].add(mask.astype(bool) & evaluated, truth, foreground, healthy_subject)
         voxels = np.flatnonzero(foreground)
         if len(voxels) > POOLED_VOXELS_PER_SUBJECT:
             voxels = rng.choice(voxels, POOLED_VOXELS_PER_SUBJECT, replace=False)
         pooled_scores.append(result.anomaly_map.ravel()[voxels])
         pooled_truth.append(truth.ravel()[voxels])
-        slices = subject_slices(subject, detector.card)
+        slices = labelled_slices(arrays, geometry.direction, mask_array, detector.card)
         slice_probs.append(_slice_probabilities(detector, slices.prepared.images))
         slice_labels.append(slices.labels)
         if progress is not None:
@@ -163,7 +167,7 @@ def evaluate_subjects(
         "healthy_slice_fp_percent": mean("healthy_slice_fp_percent"),
         "slice_auroc": slice_auroc,
     }
-    healthy_rows = [r for r in rows if r["lesion_voxels"] == 0]
+    healthy_rows = [r for r in rows if r["healthy"]]
     return {
         "subjects": rows,
         "mean": {key: mean(key) for key in ("dice", "auroc", "auprc", "healthy_slice_fp_percent", "seconds")},

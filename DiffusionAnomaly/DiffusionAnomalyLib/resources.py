@@ -28,11 +28,6 @@ def default_model() -> Path:
     return _require(MODELS / DEFAULT_MODEL_NAME, "bundled default model")
 
 
-def bundled_models() -> List[Path]:
-    """Every model folder under Resources/Models."""
-    return sorted(p for p in MODELS.iterdir() if (p / "card.json").is_file()) if MODELS.is_dir() else []
-
-
 def sample_study() -> Path:
     """The bundled sample subject's folder (BraTS layout: <name>_<suffix>.nii.gz)."""
     return _require(SAMPLE_DATA / SAMPLE_SUBJECT, "bundled sample study")
