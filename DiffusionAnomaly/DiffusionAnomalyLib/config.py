@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -147,6 +147,18 @@ class ModelCard:
             self.classifier.validate("classifier")
         if self.healthy_class not in (0, 1):
             raise ValueError("healthy_class must be 0 or 1")
+
+    def summary(self) -> List[str]:
+        """A few lines for a model picker: name, channels, and the recorded test scores."""
+        lines = [f"{self.name}: {self.description}" if self.description else self.name,
+                 f"Channels: {', '.join(self.channels)}; slices at {self.image_size[0]}x{self.image_size[1]}."]
+        recorded = [(name, entry["pooled"]) for name, entry in self.metrics.items() if isinstance(entry, dict) and isinstance(entry.get("pooled"), dict)]
+        if recorded:
+            name, pooled = next(((n, p) for n, p in recorded if n == "test_default"), recorded[0])
+            scores = [f"{label} {pooled[key]:.2f}" for key, label in (("dice", "Dice"), ("auroc", "AUROC"), ("auprc", "AUPRC")) if isinstance(pooled.get(key), (int, float))]
+            if scores:
+                lines.append(f"Scores ({name}): {', '.join(scores)}.")
+        return lines
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -81,3 +81,12 @@ def check_same_grid(images: Sequence[sitk.Image], names: Sequence[str]) -> None:
                 f"channel {name} differs from {names[0]} in {', '.join(differing)}: all channels must share "
                 "one voxel grid; resample them onto the first channel"
             )
+
+
+def resample_onto(array: np.ndarray, geometry: Geometry, reference: Geometry, reference_shape: Sequence[int]) -> np.ndarray:
+    """Linearly resamples a (k, j, i) array onto another voxel grid (zero outside its extent)."""
+    moving = array_to_image(np.asarray(array, dtype=np.float32), geometry)
+    target = reference.applied_to(sitk.Image([int(n) for n in reversed(tuple(reference_shape))], sitk.sitkFloat32))
+    resampled = sitk.Resample(moving, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
+

@@ -55,6 +55,12 @@ class Orientation:
         flips = tuple(lead + c for c in range(3) if self.flip[c])
         return np.flip(out, flips) if flips else out
 
+    def axial_index(self, voxel: Sequence[int], shape: Sequence[int]) -> int:
+        """The canonical axial slice that holds voxel ``(k, j, i)`` of an array of ``shape``."""
+        axis = self.transpose[0]
+        index = int(voxel[axis])
+        return int(shape[axis]) - 1 - index if self.flip[0] else index
+
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
         lead = array.ndim - 3
         flips = tuple(lead + c for c in range(3) if self.flip[c])
