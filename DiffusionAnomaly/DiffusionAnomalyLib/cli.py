@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("diffusion-anomaly-demo"), help="folder for the outputs (default ./diffusion-anomaly-demo)")
     _add_detection_options(demo)
 
+    web = commands.add_parser("web", help="serve the detection panel and Slicer views to web browsers (needs the [web] extra)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--model", type=Path, help="model bundle folder (default: the bundled model)")
+    web.add_argument("--max-sessions", type=int, default=4, help="browser sessions at once, each with its own process")
+    web.add_argument("--idle-seconds", type=float, default=120.0, help="stop a session this long after its page was closed")
+
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
 
@@ -416,6 +423,19 @@ def run_synth(args) -> None:
     print(f"wrote {len(folders)} subjects to {args.out} in {time.perf_counter() - started:.1f} s")
 
 
+def run_web(args) -> None:
+    try:
+        from DiffusionAnomalyWeb.sessions import serve
+        import trame_slicer  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"the web app needs the [web] extra: pip install -e \".[web]\" ({error})") from error
+    if args.model is not None:
+        from .bundle import read_card
+
+        read_card(args.model)
+    serve(args.host, args.port, str(args.model) if args.model else None, args.max_sessions, args.idle_seconds)
+
+
 COMMANDS = {
     "detect": run_detect,
     "train-diffusion": run_train_diffusion,
@@ -425,6 +445,7 @@ COMMANDS = {
     "benchmark": run_benchmark,
     "synth": run_synth,
     "demo": run_demo,
+    "web": run_web,
     "set-defaults": run_set_defaults,
 }
 

@@ -33,6 +33,23 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
+    def bounds(self, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """Lower and upper physical (LPS) corners of the box that a (k, j, i) array of ``shape`` covers."""
+        size = np.array(list(reversed(tuple(shape))), dtype=float)
+        corners = np.array([[c[0], c[1], c[2]] for c in np.ndindex(2, 2, 2)], dtype=float) * (size - 1)
+        matrix = np.asarray(self.direction, dtype=float).reshape(3, 3) * np.asarray(self.spacing, dtype=float)
+        points = corners @ matrix.T + np.asarray(self.origin, dtype=float)
+        return points.min(axis=0), points.max(axis=0)
+
+    def overlap(self, shape: Sequence[int], other: "Geometry", other_shape: Sequence[int]) -> float:
+        """Fraction of this grid's bounding box that the other grid's bounding box covers."""
+        low, high = self.bounds(shape)
+        other_low, other_high = other.bounds(other_shape)
+        extent = np.maximum(high - low, 1e-6)
+        shared = np.clip(np.minimum(high, other_high) - np.maximum(low, other_low), 0.0, None)
+        shared = np.where(high - low < 1e-6, (other_low <= low) & (low <= other_high), shared / extent)
+        return float(np.prod(shared))
+
     def differences(self, other: "Geometry") -> list:
         """Names of the grid properties that differ beyond a small tolerance."""
         return [

@@ -165,6 +165,9 @@ class AnomalySceneLogic:
             for node in (map_node, segmentation_node):
                 outputs.place_with_input(self.scene, node, reference)
             outputs.show_overlay(self.scene, pending.background_node, map_node, segmentation_node)
+            finding = outputs.largest_finding_centre(result.mask, reference) if pending.preview_slice is None else None
+            if finding is not None:
+                outputs.jump_views_to(self.scene, finding)
         except Exception:
             for node_id in reversed(_node_ids(self.scene)):
                 if node_id not in existing and self.scene.GetNodeByID(node_id) is not None:

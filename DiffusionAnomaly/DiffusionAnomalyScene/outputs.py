@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import vtk
 
@@ -123,6 +124,22 @@ def place_with_input(scene, node, reference_node) -> None:
         hierarchy.CreateItem(parent, node)
     elif hierarchy.GetItemParent(item) != parent:
         hierarchy.SetItemParent(item, parent)
+
+
+def largest_finding_centre(mask: np.ndarray, reference_node) -> Optional[Tuple[float, float, float]]:
+    """RAS centre of the largest connected component of a (k, j, i) mask, or None if empty."""
+    if not mask.any():
+        return None
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    k, j, i = np.argwhere(sitk.GetArrayViewFromImage(components) == 1).mean(axis=0)
+    matrix = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(matrix)
+    return tuple(matrix.MultiplyPoint((float(i), float(j), float(k), 1.0))[:3])
+
+
+def jump_views_to(scene, ras: Sequence[float]) -> None:
+    """Moves every slice view to the plane through ``ras``, keeping the in-plane view (Slicer's default jump)."""
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *ras, slicer.vtkMRMLSliceNode.OffsetJumpSlice)
 
 
 def show_overlay(scene, background_node, map_node, segmentation_node: Optional[object] = None, opacity: float = OVERLAY_OPACITY) -> None:

@@ -27,6 +27,10 @@ CHANNEL_NAME_PATTERNS = {
 }
 
 
+# A channel on another grid must cover at least this fraction of the first channel's box.
+MIN_OVERLAP = 0.5
+
+
 def load_volume(scene, path, name: Optional[str] = None):
     """Reads a NIfTI/NRRD file into a new scalar volume node with Slicer's own reader.
 
@@ -114,6 +118,12 @@ def channel_inputs(channel_names: Sequence[str], volume_nodes: Sequence[Optional
         array = array_of(node)
         node_geometry = geometry_of(node)
         if array.shape != arrays[0].shape or node_geometry.differences(geometry):
+            covered = geometry.overlap(arrays[0].shape, node_geometry, array.shape)
+            if covered < MIN_OVERLAP:
+                raise ValueError(
+                    f"{name} ('{node.GetName()}') covers only {covered:.0%} of {channel_names[0]} ('{reference.GetName()}'): "
+                    "these volumes do not show the same region; choose volumes of one study (or register them first)"
+                )
             array = resample_onto(array, node_geometry, geometry, arrays[0].shape)
             messages.append(f"{name} ('{node.GetName()}') is on another voxel grid than {channel_names[0]} ('{reference.GetName()}'); it was resampled onto it (linear)")
         arrays.append(array)

@@ -238,6 +238,12 @@ def test_missing_channels_and_other_grids(scene, tmp_path):
     assert "resampled" in inputs.messages[0] and "FLAIR" in inputs.messages[0]
     assert np.corrcoef(inputs.arrays[1].ravel(), arrays[1].ravel())[0, 1] > 0.8
 
+    elsewhere = sitk.GetImageFromArray(arrays[1])
+    elsewhere.SetOrigin((0.0, 0.0, 500.0))
+    sitk.WriteImage(elsewhere, str(tmp_path / "other_study.nii.gz"))
+    with pytest.raises(ValueError, match="do not show the same region"):
+        channel_inputs(("T1", "FLAIR"), [t1, load_volume(scene, tmp_path / "other_study.nii.gz")])
+
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     flair.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(ValueError, match="harden the transforms"):
@@ -276,3 +282,22 @@ def test_a_failure_while_writing_removes_the_nodes_it_created(scene, tmp_path, t
     with pytest.raises(RuntimeError, match="no space left"):
         logic.apply(pending, job.result())
     assert _node_ids(scene) == before
+
+
+def test_views_jump_to_the_largest_finding(scene, tmp_path):
+    arrays, _ = brain_phantom()
+    node = load_volume(scene, write_image(arrays[0], tmp_path / "t1.nii.gz", spacing=(0.9, 1.1, 2.0), direction=oblique_direction()))
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetOrientationToAxial()
+    mask = np.zeros(arrays[0].shape, np.uint8)
+    mask[2:5, 3:8, 4:9] = 1  # the largest component
+    mask[9, 15, 15] = 1
+    centre = outputs.largest_finding_centre(mask, node)
+    expected = _ijk_to_ras(node) @ np.array([6.0, 5.0, 3.0, 1.0])
+    assert np.allclose(centre, expected[:3])
+    outputs.jump_views_to(scene, centre)
+    slice_to_ras = slice_node.GetSliceToRAS()
+    normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
+    origin = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
+    assert abs(normal @ (expected[:3] - origin)) < 1e-4  # the axial plane passes through the finding
+    assert outputs.largest_finding_centre(np.zeros_like(mask), node) is None
