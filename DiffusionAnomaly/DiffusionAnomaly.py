@@ -144,7 +144,6 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DiffusionAnomalyLogic()
 
-        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
