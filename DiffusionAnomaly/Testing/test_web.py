@@ -145,6 +145,17 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     page.screenshot(path=str(ARTIFACTS / "web-detect.png"))
     print(f"\nclick to overlay: {seconds:.1f} s (sample, 4 steps, CPU)")
 
+    before = status["anomaly_voxels"]
+    slider = page.locator("#threshold").locator("xpath=ancestor::div[contains(@class,'v-slider')][1]").get_by_role("slider")
+    slider.focus()
+    slider.press("End")  # the threshold to its maximum: the segmentation is re-cut at once
+    _wait_for(lambda: _status(page, server)["anomaly_voxels"] < before, 20, "the re-cut segmentation")
+    expect(page.locator("#status")).to_contain_text("voxels above 1")
+
+    page.click("#preview")
+    expect(page.locator("#status")).to_contain_text("(preview)", timeout=60_000)
+    assert _status(page, server)["overlay_shown"]
+
     page.click("#detect")
     expect(page.locator("#detect")).to_contain_text("Cancel")
     page.click("#detect")
