@@ -135,6 +135,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._pollDetection)
         self._models = []
+        self._card = None
+        self._defaultsPending = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -146,6 +148,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
         self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
@@ -176,6 +179,13 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node) -> None:
+        # Volumes loaded while the panel is open fill the empty channel selectors; wait until
+        # the node is complete (name, image) before looking at it.
+        if self._card is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            qt.QTimer.singleShot(0, lambda: self._parameterNode and self.logic.guessChannelVolumes(self._parameterNode, self._card))
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -223,6 +233,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self._models[index]
         if not self.logic.dependenciesInstalled():
             self.ui.modelSummaryLabel.text = _("Detection needs PyTorch and MONAI; they are installed when you first click Detect anomalies.")
+            self._defaultsPending = self._defaultsPending or self._parameterNode.modelPath != path
             self._parameterNode.modelPath = path
             return
         try:
@@ -230,7 +241,9 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             self.ui.modelSummaryLabel.text = _("Cannot use this model: {error}").format(error=error)
             return
-        firstChoice = self._parameterNode.modelPath != path or not self._parameterNode.outputMap
+        firstChoice = self._parameterNode.modelPath != path or self._defaultsPending
+        self._defaultsPending = False
+        self._card = card
         self._parameterNode.modelPath = path
         self.ui.modelSummaryLabel.text = "<br>".join(html.escape(line) for line in card.summary())
         if len(card.channels) > MAX_CHANNELS:
@@ -270,6 +283,8 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _start(self, preview: bool) -> None:
         if not self._ensureDependencies():
             return
+        if self._card is None:  # the model could not be read before the packages were installed
+            self.onModelSelected(self.ui.modelSelector.currentIndex)
         with slicer.util.tryWithErrorDisplay(_("Anomaly detection could not start."), waitCursor=True):
             messages = self.logic.start(self._parameterNode, previewRas=self._redSliceCentre() if preview else None)
             self.ui.statusLabel.text = "\n".join(messages + [_("Preview of the red slice...") if preview else _("Detecting...")])
