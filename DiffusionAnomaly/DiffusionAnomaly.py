@@ -411,11 +411,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def guessChannelVolumes(self, parameterNode, card) -> None:
         """Fills empty channel selectors from the loaded volumes' names (``*flair*`` → FLAIR, ...)."""
-        from DiffusionAnomalyScene.volumes import guess_channel_volumes
-
-        volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-        volumes = [v for v in volumes if v.GetAttribute("DiffusionAnomaly.Model") is None]
-        for i, guess in enumerate(guess_channel_volumes(card.channels[:MAX_CHANNELS], volumes)):
+        for i, guess in enumerate(self.sceneLogic().guess_channel_volumes(card.channels[:MAX_CHANNELS])):
             if guess is not None and getattr(parameterNode, f"channel{i}Volume") is None:
                 setattr(parameterNode, f"channel{i}Volume", guess)
 
@@ -524,7 +520,8 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         from DiffusionAnomalyLib import resources
 
         self.delayDisplay("Loading the sample study")
-        volumes = {path.name: slicer.util.loadVolume(str(path)) for path in resources.sample_channels()}
+        for path in resources.sample_channels():
+            slicer.util.loadVolume(str(path))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask()))) > 0
         logic = DiffusionAnomalyLogic()
         parameterNode = logic.getParameterNode()

@@ -165,7 +165,7 @@ class ThreadJob(DetectionJob):
                 request.geometry,
                 axial_slices=request.axial_slices,
                 progress=self._progress,
-                cancel=lambda: self.status().state == CANCELLED,
+                cancel=self._finished.is_set,
                 **request.settings,
             )
         except TranslationCancelled:

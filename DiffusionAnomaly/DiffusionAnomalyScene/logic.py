@@ -28,7 +28,7 @@ from DiffusionAnomalyLib.detector import DetectionResult, threshold_map
 from DiffusionAnomalyLib.jobs import DetectionRequest, ThreadJob
 
 from . import outputs
-from .volumes import axial_slice_at, channel_inputs
+from .volumes import axial_slice_at, channel_inputs, guess_channel_volumes
 
 ATTRIBUTE_PREFIX = "DiffusionAnomaly."
 
@@ -37,14 +37,11 @@ def prepare_scene(scene) -> None:
     """Registers what the scene logic needs in a scene made outside the Slicer application.
 
     Desktop Slicer does this at start-up; ``slicer-core`` scripts and servers call it once.
+    The segmentations logic registers the labelmap converters, the colours logic the
+    built-in colour tables and the colour-legend node class.
     """
-    for logic_class in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic):
-        logic = logic_class()
-        logic.SetMRMLScene(scene)
-        _keep_alive.append(logic)
-
-
-_keep_alive: List[object] = []
+    for logic_class in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerColorLogic):
+        logic_class().SetMRMLScene(scene)
 
 
 def _node_ids(scene) -> List[str]:
@@ -108,6 +105,18 @@ class AnomalySceneLogic:
         # The analysed voxels of each map, for re-thresholding (Otsu needs them); a map
         # loaded from disk falls back to its non-zero voxels.
         self._analysed: Dict[str, np.ndarray] = {}
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def input_volumes(self) -> List[object]:
+        """The scalar volumes a user can choose as inputs: all but label maps and anomaly maps."""
+        collection = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return [node for node in nodes if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetAttribute(ATTRIBUTE_PREFIX + "Model") is None]
+
+    def guess_channel_volumes(self, channel_names: Sequence[str]) -> List[Optional[object]]:
+        """One input volume per channel, matched by name (``*flair*`` → FLAIR, ...), or None."""
+        return guess_channel_volumes(channel_names, self.input_volumes())
 
     # -- 1. request ------------------------------------------------------------------------
 

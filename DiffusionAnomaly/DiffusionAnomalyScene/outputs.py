@@ -71,10 +71,8 @@ def style_map_display(scene, map_node, anomaly_map: np.ndarray, analysed: np.nda
     display.SetLowerThreshold(max(float(threshold), 0.0) * DISPLAY_FLOOR_FRACTION)
     display.SetUpperThreshold(float(np.max(anomaly_map)) + 1.0)
     display.SetInterpolate(True)
-    color_logic = slicer.vtkSlicerColorLogic()
-    color_logic.SetMRMLScene(scene)
-    if color_logic.GetColorLegendDisplayNode(map_node) is None:
-        legend = color_logic.AddDefaultColorLegendDisplayNode(map_node)
+    if slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(map_node) is None:
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(map_node)
         if legend is not None:
             legend.SetTitleText("Anomaly")
             legend.SetLabelFormat("%.2f")

@@ -36,7 +36,6 @@ from DiffusionAnomalyLib import resources
 from DiffusionAnomalyLib.bundle import load_card
 from DiffusionAnomalyLib.jobs import DONE, RUNNING, ThreadJob
 from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionSettings
-from DiffusionAnomalyScene.volumes import guess_channel_volumes
 
 log = logging.getLogger("diffusion-anomaly.web")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -156,15 +155,10 @@ class AnomalyWebApp(TrameApp):
 
     # -- loading ------------------------------------------------------------------------------
 
-    def _volume_nodes(self) -> List:
-        collection = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-        return [node for node in nodes if node is not self.map_node and node.GetAttribute("DiffusionAnomaly.Model") is None]
-
     def _refresh_volumes(self) -> None:
-        nodes = self._volume_nodes()
+        nodes = self.scene_logic.input_volumes()
         self.state.volumes = [{"title": node.GetName(), "value": node.GetID()} for node in nodes]
-        guesses = guess_channel_volumes(self.card.channels, nodes)
+        guesses = self.scene_logic.guess_channel_volumes(self.card.channels)
         for index, guess in enumerate(guesses):
             key = self._channel_key(index)
             if (self.state[key] is None or self.scene.GetNodeByID(self.state[key]) is None) and guess is not None:
@@ -319,7 +313,7 @@ class AnomalyWebApp(TrameApp):
         segmentation = self.segmentation_node
         display = segmentation.GetDisplayNode() if segmentation is not None else None
         return {
-            "volumes": [node.GetName() for node in self._volume_nodes()],
+            "volumes": [node.GetName() for node in self.scene_logic.input_volumes()],
             "background": red.get_background_volume_id(),
             "overlay_shown": bool(self.map_node is not None and foreground == self.map_node.GetID()),
             "overlay_opacity": red.get_foreground_opacity(),

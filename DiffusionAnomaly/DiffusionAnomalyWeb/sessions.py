@@ -30,8 +30,7 @@ from DiffusionAnomalyLib.jobs import PACKAGE_PARENT
 log = logging.getLogger("diffusion-anomaly.web")
 COOKIE = "diffusion_anomaly_session"
 # Hop-by-hop headers and those aiohttp recomputes; never forwarded.
-DROPPED_HEADERS = {"host", "connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "content-encoding",
-                   "proxy-connection", "te", "trailer"}
+DROPPED_HEADERS = {"host", "connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "proxy-connection", "te", "trailer"}
 
 
 @dataclass
@@ -179,8 +178,6 @@ class SessionServer:
                                         allow_redirects=False) as upstream:
             body = await upstream.read()
             reply_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROPPED_HEADERS | {"set-cookie"}}
-            if upstream.headers.get("Content-Encoding"):
-                reply_headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
             return web.Response(status=upstream.status, body=body, headers=reply_headers)
 
     async def _forward_websocket(self, request: web.Request, session: Session) -> web.WebSocketResponse:

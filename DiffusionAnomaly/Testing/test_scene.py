@@ -116,6 +116,7 @@ def test_rerunning_and_rethresholding_update_the_same_nodes(scene, tmp_path, tin
     assert scene.GetNumberOfNodes() == count
     assert (second.map_node, second.segmentation_node) == (first.map_node, first.segmentation_node)
     assert first.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
+    assert logic.input_volumes() == nodes, "anomaly maps are not offered as inputs"
 
     anomaly_map = slicer.util.arrayFromVolume(first.map_node)
     high = float(np.percentile(anomaly_map[anomaly_map > 0], 90))
