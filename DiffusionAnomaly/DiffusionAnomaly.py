@@ -34,6 +34,7 @@ REQUIREMENTS = RESOURCES / "requirements.txt"
 SAMPLE_CATEGORY = "Diffusion Anomaly"
 SAMPLE_NAME = "DiffusionAnomalySynthBrain"
 POLL_INTERVAL_MS = 250
+RECUT_DELAY_MS = 300
 
 
 #
@@ -56,6 +57,8 @@ class DiffusionAnomaly(ScriptedLoadableModule):
             "<br><br>Choose one volume per MRI sequence of the model, click <b>Preview slice</b> to tune the sliders on "
             "the slice shown in the red view, then <b>Detect anomalies</b>. Moving the threshold re-cuts the segmentation "
             "at once. See the <a href=\"https://github.com/DiffusionAnomaly/SlicerDiffusionAnomaly\">documentation</a>."
+            "<br><br>Needs 3D Slicer 5.10 or newer (Python 3.10+, for PyTorch 2.8 and MONAI 1.6), on Windows, Linux or a Mac "
+            "with Apple silicon; PyTorch and MONAI are installed, after you confirm, on the first Detect anomalies."
             "<br><br>Research software, not a medical device: the bundled model was trained on synthetic images."
         )
         self.parent.acknowledgementText = _(
@@ -99,7 +102,8 @@ class DiffusionAnomalyParameterNode:
 
     channel0Volume..channel3Volume - one input volume per model channel, in the card's order.
     modelPath - the model bundle folder.
-    noiseLevel, guidanceScale, steps, threshold, useOtsu, device, batchSize - detection settings.
+    noiseLevel, guidanceScale, steps, threshold, useOtsu, device, batchSize - detection settings
+    (ranges as DiffusionAnomalyLib.settings.RANGES; a fixed threshold is at most the model's channel count).
     outputMap - the anomaly-map volume; outputSegmentation - its thresholded segmentation.
     """
 
@@ -108,13 +112,13 @@ class DiffusionAnomalyParameterNode:
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     modelPath: str = ""
-    noiseLevel: Annotated[float, WithinRange(0.02, 1.0)] = 0.1
-    guidanceScale: Annotated[float, WithinRange(0.0, 200.0)] = 40.0
-    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
+    noiseLevel: Annotated[float, WithinRange(0.01, 1.0)] = 0.1
+    guidanceScale: Annotated[float, WithinRange(0.0, 1000.0)] = 40.0
+    threshold: Annotated[float, WithinRange(0.005, 4.0)] = 0.1  # at most the channel count: MAX_CHANNELS
     useOtsu: bool = False
-    steps: Annotated[int, WithinRange(2, 1000)] = 10
+    steps: Annotated[int, WithinRange(4, 1000)] = 10
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    batchSize: Annotated[int, WithinRange(1, 512)] = 32
+    batchSize: Annotated[int, WithinRange(1, 4096)] = 32
     outputMap: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
 
@@ -134,9 +138,14 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._pollDetection)
+        # Re-cutting the segmentation imports a whole labelmap: it waits until the slider rests.
+        self._recutTimer = qt.QTimer()
+        self._recutTimer.setSingleShot(True)
+        self._recutTimer.setInterval(RECUT_DELAY_MS)
+        self._recutTimer.connect("timeout()", self._recutSegmentation)
+        self._shownThreshold = None
         self._models = []
         self._card = None
-        self._defaultsPending = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,27 +162,30 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
-        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
-        self.ui.otsuCheckBox.connect("toggled(bool)", self.onThresholdChanged)
+        # The threshold slider and the Otsu box are not connected here: connectGui writes their
+        # values into the parameter node from a slot of its own (Slicer's
+        # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, valueChanged -> wrapper's
+        # _makeGuiToParamCallback), and Qt calls slots in the order they were connected, so a
+        # slot connected first would read the previous value. The panel reacts to the parameter
+        # node's ModifiedEvent instead (_onParameterNodeModified), which comes after the value is stored.
         self.initializeParameterNode()
         self._fillModelSelector()
 
     def cleanup(self) -> None:
         self.logic.cancel()
         self._timer.stop()
+        self._recutTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()
+        self._finishRun()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -188,16 +200,23 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, lambda: self._parameterNode and self.logic.guessChannelVolumes(self._parameterNode, self._card))
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self.logic.getParameterNode()
+        # After Close Scene the singleton parameter node is reset to its defaults (an empty model
+        # path) while the model selector still shows the model: the node takes the selector's model.
+        if not parameterNode.modelPath and self._models:
+            self._useModel(parameterNode, self._models[max(self.ui.modelSelector.currentIndex, 0)], applyDefaults=True)
+        self.setParameterNode(parameterNode)
 
     def setParameterNode(self, inputParameterNode: Optional[DiffusionAnomalyParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._shownThreshold = self._thresholdChoice()
             self._updateButtons()
 
     # -- model ---------------------------------------------------------------------------
@@ -231,20 +250,18 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index < 0 or index >= len(self._models) or not self._parameterNode:
             return
         path = self._models[index]
-        if not self.logic.dependenciesInstalled():
-            self.ui.modelSummaryLabel.text = _("Detection needs PyTorch and MONAI; they are installed when you first click Detect anomalies.")
-            self._defaultsPending = self._defaultsPending or self._parameterNode.modelPath != path
-            self._parameterNode.modelPath = path
-            return
+        self._useModel(self._parameterNode, path, applyDefaults=self._parameterNode.modelPath != path)
+
+    def _useModel(self, parameterNode, path: str, applyDefaults: bool) -> None:
+        """Shows the model's card (read without PyTorch) and fits the panel to its channels."""
         try:
             card = self.logic.modelCard(path)
         except Exception as error:
+            self._card = None
             self.ui.modelSummaryLabel.text = _("Cannot use this model: {error}").format(error=error)
             return
-        firstChoice = self._parameterNode.modelPath != path or self._defaultsPending
-        self._defaultsPending = False
         self._card = card
-        self._parameterNode.modelPath = path
+        parameterNode.modelPath = path
         self.ui.modelSummaryLabel.text = "<br>".join(html.escape(line) for line in card.summary())
         if len(card.channels) > MAX_CHANNELS:
             self.ui.modelSummaryLabel.text += "<br>" + _("This panel takes at most {n} channels; use the diffusion-anomaly command line for this model.").format(n=MAX_CHANNELS)
@@ -255,11 +272,33 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.visible = selector.visible = used
             if used:
                 label.text = f"{card.channels[i]}:"
-        if firstChoice:
-            self.logic.applyCardDefaults(self._parameterNode, card)
-        self.logic.guessChannelVolumes(self._parameterNode, card)
+        # A fixed threshold lies between 0 and the channel count (the map's largest value).
+        self.ui.thresholdSlider.maximum = float(min(len(card.channels), MAX_CHANNELS))
+        if applyDefaults:
+            self.logic.applyCardDefaults(parameterNode, card)
+        self.logic.guessChannelVolumes(parameterNode, card)
 
     # -- detection ------------------------------------------------------------------------
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateButtons()
+        threshold = self._thresholdChoice()
+        if threshold == self._shownThreshold or self.logic.isRunning():
+            return
+        self._shownThreshold = threshold
+        if threshold != "otsu":
+            self.logic.showThreshold(threshold)
+        self._recutTimer.start()
+
+    def _thresholdChoice(self):
+        return "otsu" if self._parameterNode.useOtsu else float(self._parameterNode.threshold)
+
+    def _recutSegmentation(self) -> None:
+        if not self._parameterNode or self.logic.isRunning() or not self.logic.hasResult():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not update the segmentation.")):
+            voxels, value = self.logic.rethreshold(self._parameterNode)
+            self.ui.statusLabel.text = _("{voxels} voxels above {value:.3g}.").format(voxels=voxels, value=value)
 
     def _updateButtons(self, caller=None, event=None) -> None:
         running = self.logic.isRunning()
@@ -283,40 +322,82 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _start(self, preview: bool) -> None:
         if not self._ensureDependencies():
             return
-        if self._card is None:  # the model could not be read before the packages were installed
-            self.onModelSelected(self.ui.modelSelector.currentIndex)
         with slicer.util.tryWithErrorDisplay(_("Anomaly detection could not start."), waitCursor=True):
-            messages = self.logic.start(self._parameterNode, previewRas=self._redSliceCentre() if preview else None)
-            self.ui.statusLabel.text = "\n".join(messages + [_("Preview of the red slice...") if preview else _("Detecting...")])
+            if preview:
+                # One slice in this process (the model stays loaded): faster from click to overlay
+                # than starting a process, and short enough to run under a wait cursor.
+                outputs = self.logic.preview(self._parameterNode, self._redSliceCentre())
+                self.ui.statusLabel.text = "\n".join(outputs.messages + [_("Preview: {summary}.").format(summary=outputs.summary())])
+                return
+            messages = self.logic.start(self._parameterNode)
+            self.ui.statusLabel.text = "\n".join(messages + [_("Detecting...")])
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self._timer.start()
         self._updateButtons()
 
     def _ensureDependencies(self) -> bool:
-        """Installs PyTorch (PyTorch extension) and MONAI after asking; False if the user declined."""
-        if self.logic.dependenciesInstalled():
+        """Checks the Slicer version, then installs PyTorch and the packages after asking; False if they are not there."""
+        problem = self.logic.runtimeProblem()
+        if problem:
+            slicer.util.errorDisplay(problem)
+            return False
+        if not self.logic.missingRequirements():
             return True
-        if importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay(_("Diffusion Anomaly needs the PyTorch extension: install it from the Extensions Manager and restart Slicer."))
+        with slicer.util.tryWithErrorDisplay(_("The Python packages that Diffusion Anomaly needs could not be installed."), waitCursor=False):
+            if not self._installTorch() or not self._installPackages():
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                return False
+            importlib.invalidate_caches()
+            missing = self.logic.missingRequirements()
+            if missing:
+                raise RuntimeError(_("Still missing after the installation: {missing}. Restart Slicer and click Detect anomalies again.").format(missing=missing))
+            return True
+        return False
+
+    def _installTorch(self) -> bool:
+        from DiffusionAnomalyLib.environment import TORCH_REQUIREMENT, describe_unmet, unmet_requirements
+
+        unmet = unmet_requirements([TORCH_REQUIREMENT])
+        if not unmet:
+            return True
+        if unmet[0][1] is not None:  # PyTorchUtils does not upgrade a loaded torch (PyTorchUtils.installTorch returns the imported module)
+            raise RuntimeError(_("{unmet} is installed; update PyTorch in the PyTorch Utils module, restart Slicer and try again.").format(unmet=describe_unmet(unmet)))
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError(_("Diffusion Anomaly needs the PyTorch extension: install it from the Extensions Manager and restart Slicer.")) from None
+        # installTorch returns None when the user declines (fepegar/SlicerPyTorch, PyTorchUtils.py).
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):])
+        if torch is None:
+            self.ui.statusLabel.text = _("PyTorch was not installed: detection needs it.")
+            return False
+        return True
+
+    def _installPackages(self) -> bool:
+        from DiffusionAnomalyLib.environment import describe_unmet, read_requirements, unmet_requirements
+
+        requirements = read_requirements(REQUIREMENTS)
+        if not unmet_requirements(requirements):
+            return True
         packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.10 asks, installs and reports
-            packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), requester="Diffusion Anomaly")
-        else:
-            if not slicer.util.confirmOkCancelDisplay(
-                _("Diffusion Anomaly needs these Python packages, which will now be installed:\n\n{packages}").format(packages=REQUIREMENTS.read_text().strip())
-            ):
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            # Slicer >= 5.12 (Base/Python/slicer/packaging.py): asks, installs, and raises RuntimeError when declined.
+            try:
+                packaging.pip_ensure(requirements, requester="Diffusion Anomaly")
+            except RuntimeError as error:
+                if "declined" not in str(error):
+                    raise
+                self.ui.statusLabel.text = _("The packages were not installed: detection needs them.")
                 return False
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(["-r", str(REQUIREMENTS)])
-        importlib.invalidate_caches()
-        return self.logic.dependenciesInstalled()
+            return True
+        # Slicer 5.10: slicer.util.pip_install after a confirmation (automatic in testing mode).
+        if not slicer.util.confirmOkCancelDisplay(_("Diffusion Anomaly needs these Python packages, which will now be installed:\n\n{packages}").format(
+                packages=describe_unmet(unmet_requirements(requirements)))):
+            self.ui.statusLabel.text = _("The packages were not installed: detection needs them.")
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(" ".join(f'"{requirement}"' for requirement in requirements))
+        return True
 
     def _redSliceCentre(self):
         sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
@@ -347,13 +428,6 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = False
         self._updateButtons()
 
-    def onThresholdChanged(self, *unused) -> None:
-        if not self._parameterNode or self.logic.isRunning() or not self._parameterNode.outputMap:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not update the segmentation.")):
-            voxels, value = self.logic.rethreshold(self._parameterNode)
-            self.ui.statusLabel.text = _("{voxels} voxels above {value:.3g}.").format(voxels=voxels, value=value)
-
 
 #
 # Logic
@@ -361,25 +435,35 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
-    """Runs detection for the panel and for scripts; the scene work is ``AnomalySceneLogic``'s.
+    """Runs detection for the panel and for scripts; the scene work is ``DetectionRun``'s.
 
-    Full detections run in a child ``PythonSlicer`` process so the application stays
-    responsive and Cancel stops the work at once; previews run on a thread of this process,
-    which keeps the model loaded between previews.
+    Full detections run in a child ``PythonSlicer`` process (``ProcessJob``): the application
+    stays responsive, Cancel stops the whole process tree, and the child stops if Slicer goes.
+    Previews of one slice run in this process (``InlineJob``), which keeps the model loaded.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._job = None
-        self._pending = None
-        self._sceneLogic = None
+        self._run = None
 
     def getParameterNode(self):
         return DiffusionAnomalyParameterNode(super().getParameterNode())
 
+    # -- what this Slicer has --------------------------------------------------------------------
+
     @staticmethod
-    def dependenciesInstalled() -> bool:
-        return all(importlib.util.find_spec(name) is not None for name in ("torch", "monai", "einops", "safetensors"))
+    def runtimeProblem() -> Optional[str]:
+        """Why detection cannot run in this Slicer at all (too old, Intel Mac), or None."""
+        from DiffusionAnomalyLib.environment import runtime_problem
+
+        return runtime_problem()
+
+    @staticmethod
+    def missingRequirements() -> str:
+        """The packages (PyTorch, MONAI, ...) missing or in a version that does not fit, or ''."""
+        from DiffusionAnomalyLib.environment import TORCH_REQUIREMENT, describe_unmet, read_requirements, unmet_requirements
+
+        return describe_unmet(unmet_requirements([TORCH_REQUIREMENT] + read_requirements(REQUIREMENTS)))
 
     # -- models -------------------------------------------------------------------------------
 
@@ -390,7 +474,8 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelCard(path: str):
-        from DiffusionAnomalyLib.bundle import load_card
+        """The model's card, read without PyTorch (so the panel works before the packages are installed)."""
+        from DiffusionAnomalyLib.cards import load_card
 
         return load_card(path)
 
@@ -410,23 +495,30 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         return [getattr(parameterNode, f"channel{i}Volume") for i in range(count)]
 
     def guessChannelVolumes(self, parameterNode, card) -> None:
-        """Fills empty channel selectors from the loaded volumes' names (``*flair*`` → FLAIR, ...)."""
-        for i, guess in enumerate(self.sceneLogic().guess_channel_volumes(card.channels[:MAX_CHANNELS])):
-            if guess is not None and getattr(parameterNode, f"channel{i}Volume") is None:
+        """Fills empty channel selectors from the loaded volumes' names, never with a volume chosen for another channel."""
+        count = min(len(card.channels), MAX_CHANNELS)
+        chosen = self.channelVolumes(parameterNode, count)
+        for i, guess in enumerate(self.sceneLogic().guess_channel_volumes(card.channels[:count], chosen)):
+            if chosen[i] is None and guess is not None:
                 setattr(parameterNode, f"channel{i}Volume", guess)
 
     # -- running ------------------------------------------------------------------------------
 
     def sceneLogic(self):
-        from DiffusionAnomalyScene.logic import AnomalySceneLogic
+        return self.detectionRun().scene_logic
 
-        if self._sceneLogic is None or self._sceneLogic.scene is not slicer.mrmlScene:
-            self._sceneLogic = AnomalySceneLogic(slicer.mrmlScene)
-        return self._sceneLogic
+    def detectionRun(self):
+        """The scene logic's detection run for the current scene (a new one after the scene changed)."""
+        from DiffusionAnomalyLib.jobs import InlineJob
+        from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun
+
+        if self._run is None or self._run.scene_logic.scene is not slicer.mrmlScene:
+            self._run = DetectionRun(AnomalySceneLogic(slicer.mrmlScene), start_job=_startProcessJob, start_preview_job=InlineJob)
+        return self._run
 
     @staticmethod
     def settings(parameterNode):
-        from DiffusionAnomalyScene.logic import DetectionSettings
+        from DiffusionAnomalyLib.settings import DetectionSettings
 
         return DetectionSettings(
             noise_level=parameterNode.noiseLevel,
@@ -437,66 +529,73 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
             device=parameterNode.device,
         )
 
-    def start(self, parameterNode, previewRas=None) -> List[str]:
-        """Starts a detection (a preview of the slice through ``previewRas`` if given); returns notes."""
-        from DiffusionAnomalyLib.jobs import ProcessJob, ThreadJob
-
-        if self.isRunning():
-            raise RuntimeError(_("a detection is already running"))
+    def _volumes(self, parameterNode) -> list:
         card = self.modelCard(parameterNode.modelPath)
-        volumes = self.channelVolumes(parameterNode, len(card.channels))
-        self._pending = self.sceneLogic().request(parameterNode.modelPath, volumes, self.settings(parameterNode), previewRas)
-        if previewRas is not None:
-            self._job = ThreadJob(self._pending.request)
-        else:
-            self._job = ProcessJob(self._pending.request, python=_pythonExecutable(), launch=_launchInSlicer)
-        return list(self._pending.messages)
+        return self.channelVolumes(parameterNode, len(card.channels))
+
+    def start(self, parameterNode) -> List[str]:
+        """Starts a full detection in a child process; returns notes on the inputs."""
+        return self.detectionRun().start(parameterNode.modelPath, self._volumes(parameterNode), self.settings(parameterNode),
+                                         map_node=parameterNode.outputMap, segmentation_node=parameterNode.outputSegmentation)
+
+    def preview(self, parameterNode, previewRas):
+        """Translates the axial slice through ``previewRas`` now, into the input's preview nodes."""
+        run = self.detectionRun()
+        run.start(parameterNode.modelPath, self._volumes(parameterNode), self.settings(parameterNode), preview_ras=previewRas)
+        return run.finish()
 
     def isRunning(self) -> bool:
-        return self._job is not None and self._job.status().state == "running"
+        return self._run is not None and self._run.running
+
+    def hasResult(self) -> bool:
+        return self._run is not None and self._run.latest is not None
 
     def status(self):
-        return self._job.status() if self._job is not None else None
+        return self._run.status() if self._run is not None else None
 
     def cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-        self._job = self._pending = None
+        if self._run is not None:
+            self._run.cancel()
 
     def finish(self, parameterNode):
-        """Writes a finished job's result into the output nodes (None if it was cancelled)."""
-        job, pending = self._job, self._pending
-        self._job = self._pending = None
-        if job is None or job.status().state == "cancelled":
-            return None
-        outputs = self.sceneLogic().apply(pending, job.result(), parameterNode.outputMap, parameterNode.outputSegmentation)
+        """Writes a finished detection into the output nodes (None if it was cancelled)."""
+        outputs = self.detectionRun().finish()
+        if outputs is not None and not outputs.is_preview:
+            parameterNode.outputMap = outputs.map_node
+            parameterNode.outputSegmentation = outputs.segmentation_node
+        return outputs
+
+    def process(self, parameterNode, timeout: Optional[float] = None):
+        """For scripts: runs a full detection to the end and returns its ``DetectionOutputs``."""
+        self.start(parameterNode)
+        run = self.detectionRun()
+        outputs = run.wait(timeout)
         parameterNode.outputMap = outputs.map_node
         parameterNode.outputSegmentation = outputs.segmentation_node
         return outputs
 
-    def process(self, parameterNode, previewRas=None, timeout: Optional[float] = None):
-        """For scripts: runs a detection to the end and returns its ``DetectionOutputs``."""
-        self.start(parameterNode, previewRas)
-        status = self._job.wait(timeout)
-        if status.state == "running":
-            self.cancel()
-            raise TimeoutError(_("detection did not finish within {s} s").format(s=timeout))
-        return self.finish(parameterNode)
+    def showThreshold(self, threshold: float) -> None:
+        """Moves the shown map's transparent floor with the threshold (cheap; the segmentation follows later)."""
+        from DiffusionAnomalyScene.logic import AnomalySceneLogic
+
+        if self.hasResult():
+            AnomalySceneLogic.show_threshold(self._run.latest.map_node, threshold)
 
     def rethreshold(self, parameterNode):
-        threshold = "otsu" if parameterNode.useOtsu else parameterNode.threshold
-        return self.sceneLogic().rethreshold(parameterNode.outputMap, parameterNode.outputSegmentation, threshold)
+        return self.detectionRun().rethreshold("otsu" if parameterNode.useOtsu else parameterNode.threshold)
 
 
 def _pythonExecutable() -> str:
-    """Slicer's own interpreter, which sees the packages installed into Slicer."""
+    """Slicer's own interpreter launcher, which sees the packages installed into Slicer."""
     name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
     candidate = Path(slicer.app.slicerHome) / "bin" / name
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def _launchInSlicer(arguments, environment):
-    return slicer.util.launchConsoleProcess(arguments, useStartupEnvironment=False, updateEnvironment=environment)
+def _startProcessJob(request):
+    from DiffusionAnomalyLib.process_job import ProcessJob
+
+    return ProcessJob(request, python=_pythonExecutable())
 
 
 #
@@ -505,7 +604,11 @@ def _launchInSlicer(arguments, environment):
 
 
 class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
-    """Loads the bundled sample, runs a short detection and a preview, and checks the outputs."""
+    """Loads the bundled sample, runs a short detection and a preview, and checks the outputs.
+
+    ``Slicer --testing`` (the ``py_DiffusionAnomaly`` ctest) has no PyTorch or MONAI unless they were
+    installed into that Slicer; the test is then skipped with the reason, as it is on a Slicer too old to run it.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -515,6 +618,12 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         self.test_DetectOnSample()
 
     def test_DetectOnSample(self):
+        logic = DiffusionAnomalyLogic()
+        reason = logic.runtimeProblem() or (logic.missingRequirements() and _("needs {missing}: click Detect anomalies once to install them").format(
+            missing=logic.missingRequirements()))
+        if reason:
+            self.skipTest(reason)
+
         import numpy as np
         import SimpleITK as sitk
         from DiffusionAnomalyLib import resources
@@ -523,7 +632,6 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         for path in resources.sample_channels():
             slicer.util.loadVolume(str(path))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask()))) > 0
-        logic = DiffusionAnomalyLogic()
         parameterNode = logic.getParameterNode()
         parameterNode.modelPath = str(resources.default_model())
         card = logic.modelCard(parameterNode.modelPath)
@@ -553,13 +661,17 @@ class DiffusionAnomalyTest(ScriptedLoadableModuleTest):
         voxels, _value = logic.rethreshold(parameterNode)
         self.assertLess(voxels, outputs.anomaly_voxels)
 
-        self.delayDisplay("Previewing one slice updates the same nodes")
-        count = slicer.mrmlScene.GetNumberOfNodes()
+        self.delayDisplay("A preview goes to its own nodes and leaves the full result alone")
+        fullMap = slicer.util.arrayFromVolume(mapNode).copy()
         tumourSlice = int(np.argmax(truth.sum(axis=(1, 2))))
         ijkToRas = vtk.vtkMatrix4x4()
         mapNode.GetIJKToRASMatrix(ijkToRas)
         centre = ijkToRas.MultiplyPoint([truth.shape[2] / 2, truth.shape[1] / 2, tumourSlice, 1.0])[:3]
-        preview = logic.process(parameterNode, previewRas=centre, timeout=300)
+        preview = logic.preview(parameterNode, centre)
         self.assertEqual(preview.slices_processed, 1)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.assertIsNot(preview.map_node, mapNode)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(mapNode), fullMap)
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        logic.preview(parameterNode, centre)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count, "a second preview reuses the preview nodes")
         self.delayDisplay("Test passed")

@@ -16,8 +16,9 @@ import torch
 from .detector import AnomalyDetector, resolve_precision
 from .imageio import Geometry
 from .preprocessing import Orientation
+from .settings import DetectionSettings
 
-PAPER_SETTING = {"noise_level": 0.5, "steps": 500, "batch_size": 1, "precision": "fp32"}
+PAPER_SETTING = DetectionSettings(noise_level=0.5, steps=500, batch_size=1, precision="fp32")
 
 
 def phantom_volume(channels: int, shape: Sequence[int] = (155, 240, 240), seed: int = 0) -> np.ndarray:
@@ -73,10 +74,10 @@ class PeakMemory:
             self._thread.join()
 
 
-def _timed(detector: AnomalyDetector, arrays, geometry, slices: Optional[Sequence[int]], options: Dict) -> Dict[str, float]:
+def _timed(detector: AnomalyDetector, arrays, geometry, slices: Optional[Sequence[int]], settings: DetectionSettings) -> Dict[str, float]:
     with PeakMemory(detector.device) as memory:
         started = time.perf_counter()
-        result = detector.detect(list(arrays), geometry, axial_slices=slices, **options)
+        result = detector.detect(list(arrays), geometry, settings, axial_slices=slices)
         if detector.device.type == "cuda":
             torch.cuda.synchronize(detector.device)
         seconds = time.perf_counter() - started
@@ -99,31 +100,25 @@ def run_benchmark(
     """
     if arrays is None:
         arrays = phantom_volume(len(detector.card.channels))
-    geometry = geometry or Geometry()
+    geometry = geometry or Geometry.default(3)
     defaults = detector.card.defaults
-    default_options = {
-        "noise_level": defaults.noise_level,
-        "steps": defaults.steps,
-        "batch_size": defaults.batch_size,
-        "guidance_scale": defaults.guidance_scale,
-        "precision": resolve_precision("auto", detector.device),
-    }
-    default_run = _timed(detector, arrays, geometry, None, default_options)
+    default_settings = defaults.replace(precision=resolve_precision("auto", detector.device))
+    default_run = _timed(detector, arrays, geometry, None, default_settings)
     volume_slices = default_run["slices"]
     chosen = None
     if paper_slices is not None:
         axial_count = Orientation.from_direction(geometry.direction).to_canonical(arrays[0]).shape[0]
         centre = axial_count // 2
         chosen = list(range(centre - paper_slices // 2, centre - paper_slices // 2 + paper_slices))
-    paper_options = {**PAPER_SETTING, "guidance_scale": defaults.guidance_scale}
-    paper_run = _timed(detector, arrays, geometry, chosen, paper_options)
+    paper_settings = PAPER_SETTING.replace(guidance_scale=defaults.guidance_scale).resolve(detector.card)
+    paper_run = _timed(detector, arrays, geometry, chosen, paper_settings)
     paper_volume_seconds = paper_run["seconds_per_slice"] * volume_slices
     return {
         "device": torch.cuda.get_device_name(detector.device) if detector.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
         "volume_shape": list(arrays.shape[1:]),
         "slices_with_foreground": volume_slices,
-        "default": {**default_options, **default_run},
-        "paper": {**paper_options, **paper_run, "volume_seconds": round(paper_volume_seconds, 1), "volume_seconds_from": f"{paper_run['slices']} timed slices x {volume_slices}" if chosen else "full run"},
+        "default": {**default_settings.to_dict(), **default_run},
+        "paper": {**paper_settings.to_dict(), **paper_run, "volume_seconds": round(paper_volume_seconds, 1), "volume_seconds_from": f"{paper_run['slices']} timed slices x {volume_slices}" if chosen else "full run"},
         "speedup_per_volume": round(paper_volume_seconds / max(default_run["seconds"], 1e-9), 1),
     }
 

@@ -7,10 +7,7 @@ modified file is refused with a message instead of producing silently wrong maps
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -19,18 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cards import CARD_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, BundleError, bundle_dir, load_card, read_card, sha256_of
 from .config import ModelCard
+from .files import staged_files
 from .networks import build_classifier, build_unet
-
-CARD_FILE = "card.json"
-WEIGHTS_FILE = "weights.safetensors"
-FORMAT = "diffusion-anomaly-model"
-FORMAT_VERSION = 1
-
-
-class BundleError(ValueError):
-    """A model bundle is missing, damaged, tampered with or does not fit its card."""
-
 
 @dataclass
 class ModelBundle:
@@ -48,35 +37,6 @@ class ModelBundle:
         return self
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def bundle_dir(path: Union[str, Path]) -> Path:
-    """Accepts the bundle folder or its ``card.json``."""
-    path = Path(path)
-    return path.parent if path.name == CARD_FILE else path
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Writes through a temporary file in the same folder, so a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; a bundle is meant to be shared
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_bundle(path: Union[str, Path], card: ModelCard, unet: torch.nn.Module, classifier: Optional[torch.nn.Module] = None) -> Path:
     """Writes (or replaces) a bundle; returns its folder."""
     card.validate()
@@ -89,57 +49,13 @@ def save_bundle(path: Union[str, Path], card: ModelCard, unet: torch.nn.Module, 
         if network is not None:
             for key, value in network.state_dict().items():
                 tensors[f"{prefix}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
-    weights = folder / WEIGHTS_FILE
-    _write_atomically(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict()}
-    document["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_of(weights)}
-    _write_atomically(folder / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
-    return folder
-
-
-def read_card(path: Union[str, Path]) -> dict:
-    """The raw card document of a bundle, with clear errors for a missing or broken card."""
-    folder = bundle_dir(path)
-    card_path = folder / CARD_FILE
-    if not card_path.is_file():
-        raise BundleError(f"no model bundle at {folder}: expected a folder with {CARD_FILE} and {WEIGHTS_FILE}")
-    try:
-        document = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{card_path} is not valid JSON ({error}); the bundle is damaged") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise BundleError(f"{card_path} is not a DiffusionAnomaly model card (missing \"format\": \"{FORMAT}\")")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{card_path} has format version {document.get('format_version')}; this version of DiffusionAnomaly "
-            f"reads version {FORMAT_VERSION}: update DiffusionAnomaly or re-export the model"
-        )
-    return document
-
-
-def load_card(path: Union[str, Path]) -> ModelCard:
-    document = read_card(path)
-    fields = {k: v for k, v in document.items() if k not in ("format", "format_version", "weights")}
-    try:
-        return ModelCard.from_dict(fields)
-    except (TypeError, ValueError) as error:
-        raise BundleError(f"the model card in {bundle_dir(path)} is incompatible: {error}") from error
-
-
-def update_card(path: Union[str, Path], card: ModelCard) -> Path:
-    """Rewrites a bundle's card (defaults, metrics, description) without touching its weights.
-
-    The architecture must stay the same: the weights were made for it.
-    """
-    folder = bundle_dir(path)
-    document = read_card(folder)
-    current = load_card(folder)
-    for name in ("channels", "image_size", "unet", "classifier", "class_conditional", "healthy_class", "schedule", "normalisation"):
-        if getattr(current, name) != getattr(card, name):
-            raise ValueError(f"'{name}' describes the weights and cannot change without retraining")
-    card.validate()
-    updated = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict(), "weights": document["weights"]}
-    _write_atomically(folder / CARD_FILE, lambda tmp: tmp.write_text(json.dumps(updated, indent=2) + "\n"))
+    # Weights and card are replaced together, so a bundle never holds weights its card does not describe.
+    with staged_files() as stage:
+        weights = stage(folder / WEIGHTS_FILE)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        document = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict()}
+        document["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_of(weights)}
+        stage(folder / CARD_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return folder
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .settings import DEVICES, PRECISIONS, DetectionSettings, parse_threshold
 
 
 def _threshold_value(value: str):
-    if value.lower() == "otsu":
-        return "otsu"
     try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold must be 'otsu' or a number, got {value!r}") from None
+        return parse_threshold(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _int_list(value: str) -> tuple:
@@ -60,17 +59,23 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-component-voxels", type=int, help="remove segmented components smaller than this")
     group.add_argument("--map-smoothing", type=float, help="Gaussian sigma (model pixels) applied to the map; 0 = the raw map")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast for the network passes")
+    group.add_argument("--device", default="auto", choices=DEVICES)
+    group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")
 
 
-# The detection settings a model card stores as defaults (see InferenceDefaults).
-CARD_SETTINGS = ("noise_level", "guidance_scale", "steps", "threshold", "min_component_voxels", "map_smoothing", "batch_size")
-
-
-def _detect_options(args) -> dict:
-    names = CARD_SETTINGS + ("precision",)
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+def _settings(args) -> DetectionSettings:
+    """The settings given on the command line (``None``: the card's default), not yet checked."""
+    return DetectionSettings(
+        noise_level=args.noise_level,
+        guidance_scale=args.guidance_scale,
+        steps=args.steps,
+        threshold=args.threshold,
+        min_component_voxels=args.min_component_voxels,
+        map_smoothing=args.map_smoothing,
+        batch_size=args.batch_size,
+        precision=getattr(args, "precision", None) or "auto",
+        device=getattr(args, "device", None) or "auto",
+    )
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -141,26 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("diffusion-anomaly-demo"), help="folder for the outputs (default ./diffusion-anomaly-demo)")
     _add_detection_options(demo)
 
-    web = commands.add_parser("web", help="serve the detection panel and Slicer views to web browsers (needs the [web] extra)")
-    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    web.add_argument("--port", type=int, default=8080)
-    web.add_argument("--model", type=Path, help="model bundle folder (default: the bundled model)")
-    web.add_argument("--max-sessions", type=int, default=4, help="browser sessions at once, each with its own process")
-    web.add_argument("--idle-seconds", type=float, default=120.0, help="stop a session this long after its page was closed")
-
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
 
     defaults = commands.add_parser("set-defaults", help="store measured default settings in a model's card")
     defaults.add_argument("model", type=Path)
-    defaults.add_argument("--noise-level", type=float)
-    defaults.add_argument("--guidance-scale", type=float)
-    defaults.add_argument("--steps", type=int)
-    defaults.add_argument("--threshold", type=_threshold_value)
-    defaults.add_argument("--min-component-voxels", type=int)
-    defaults.add_argument("--map-smoothing", type=float)
-    defaults.add_argument("--batch-size", type=int)
     defaults.add_argument("--description", help="the model's description in the card")
+    _add_detection_options(defaults)
 
     synth = commands.add_parser("synth", help="write a synthetic BraTS-layout dataset on real anatomy (needs the [synth] extra)")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder to write")
@@ -181,9 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_inputs(paths: Sequence[Path], channel_names: Sequence[str]):
     from .imageio import read_image
 
+    _check_input_count(paths, channel_names)
+    return [read_image(p) for p in paths]
+
+
+def _check_input_count(paths: Sequence[Path], channel_names: Sequence[str]) -> None:
     if len(paths) != len(channel_names):
         raise ValueError(f"this model expects {len(channel_names)} input volume(s), in the order {', '.join(channel_names)}; got {len(paths)}")
-    return [read_image(p) for p in paths]
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"input image {missing[0]} does not exist")
 
 
 def _healthy_paths(output: Path, channel_names: Sequence[str]) -> List[Path]:
@@ -195,31 +194,36 @@ def _healthy_paths(output: Path, channel_names: Sequence[str]) -> List[Path]:
 
 
 def run_detect(args) -> None:
+    from .cards import load_card
     from .detector import AnomalyDetector
-    from .imageio import write_image
+    from .imageio import check_output_paths, write_images
 
     started = time.perf_counter()
-    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
-    images = _read_inputs(args.inputs, detector.card.channels)
+    # Everything that can be checked is checked before the model is loaded and the work starts.
+    card = load_card(args.model)
+    settings = _settings(args).resolve(card)
+    _check_input_count(args.inputs, card.channels)
+    healthy_paths = _healthy_paths(args.output_healthy, card.channels) if args.output_healthy else []
+    outputs = [args.output_map] + ([args.output_mask] if args.output_mask else []) + healthy_paths
+    check_output_paths(outputs, args.inputs)
+
+    detector = AnomalyDetector.from_bundle(args.model, device=settings.device)
+    images = _read_inputs(args.inputs, card.channels)
     bar = _Bar("detecting anomalies")
     try:
-        result = detector.detect(images, progress=bar, **_detect_options(args))
+        result = detector.detect(images, settings=settings, progress=bar)
     finally:
         bar.close()
-    write_image(result.anomaly_map, result.geometry, args.output_map)
-    written = [str(args.output_map)]
+    items = [(result.anomaly_map, result.geometry, args.output_map)]
     if args.output_mask:
-        write_image(result.mask, result.geometry, args.output_mask)
-        written.append(str(args.output_mask))
-    if args.output_healthy:
-        for path, channel in zip(_healthy_paths(args.output_healthy, detector.card.channels), result.healthy):
-            write_image(channel, result.geometry, path)
-            written.append(str(path))
+        items.append((result.mask, result.geometry, args.output_mask))
+    items += [(channel, result.geometry, path) for path, channel in zip(healthy_paths, result.healthy)]
+    written = write_images(items)
     fraction = 100.0 * result.mask.sum() / max(int(result.foreground.sum()), 1)
     print(
         f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices, "
         f"threshold {result.threshold:.4g}, {int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the foreground); "
-        f"wrote {', '.join(written)}"
+        f"wrote {', '.join(str(p) for p in written)}"
     )
 
 
@@ -279,7 +283,7 @@ def _train(args, card, network: str, train) -> None:
 
 
 def run_train_diffusion(args) -> None:
-    from .bundle import CARD_FILE, load_card
+    from .cards import CARD_FILE, load_card
     from .config import ModelCard
     from .training import train_diffusion
 
@@ -302,7 +306,7 @@ def run_train_diffusion(args) -> None:
 
 
 def run_train_classifier(args) -> None:
-    from .bundle import CARD_FILE, load_card
+    from .cards import CARD_FILE, load_card
     from .training import train_classifier
 
     if not (args.out / CARD_FILE).is_file():
@@ -319,17 +323,18 @@ def run_evaluate(args) -> None:
     from .evaluation import evaluate_subjects, format_report
 
     detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    settings = _settings(args).resolve(detector.card)
     subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
     bar = _Bar("evaluating", unit="subject")
     try:
         report = evaluate_subjects(
-            detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, progress=bar, **_detect_options(args)
+            detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, settings=settings, progress=bar
         )
     finally:
         bar.close()
     print(format_report(report))
     if args.record:
-        from .bundle import load_card, update_card
+        from .cards import load_card, update_card
 
         card = load_card(args.model)
         card.metrics[args.record] = {
@@ -354,7 +359,7 @@ def run_demo(args) -> None:
 
     bar = _Bar("detecting anomalies in the sample study")
     try:
-        summary = demo(args.out, device=args.device, progress=bar, **_detect_options(args))
+        summary = demo(args.out, _settings(args), progress=bar)
     finally:
         bar.close()
     for name, path in summary["files"].items():
@@ -371,12 +376,10 @@ def run_demo(args) -> None:
 
 
 def run_set_defaults(args) -> None:
-    from .bundle import load_card, update_card
+    from .cards import load_card, update_card
 
     card = load_card(args.model)
-    for name in CARD_SETTINGS:
-        if getattr(args, name) is not None:
-            setattr(card.defaults, name, getattr(args, name))
+    card.defaults = _settings(args).replace(precision=card.defaults.precision, device=card.defaults.device).resolve(card)
     if args.description is not None:
         card.description = args.description
     update_card(args.model, card)
@@ -384,7 +387,7 @@ def run_set_defaults(args) -> None:
 
 
 def run_info(args) -> None:
-    from .bundle import read_card
+    from .cards import read_card
 
     print(json.dumps(read_card(args.model), indent=2))
 
@@ -423,19 +426,6 @@ def run_synth(args) -> None:
     print(f"wrote {len(folders)} subjects to {args.out} in {time.perf_counter() - started:.1f} s")
 
 
-def run_web(args) -> None:
-    try:
-        from DiffusionAnomalyWeb.sessions import serve
-        import trame_slicer  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"the web app needs the [web] extra: pip install -e \".[web]\" ({error})") from error
-    if args.model is not None:
-        from .bundle import read_card
-
-        read_card(args.model)
-    serve(args.host, args.port, str(args.model) if args.model else None, args.max_sessions, args.idle_seconds)
-
-
 COMMANDS = {
     "detect": run_detect,
     "train-diffusion": run_train_diffusion,
@@ -445,14 +435,13 @@ COMMANDS = {
     "benchmark": run_benchmark,
     "synth": run_synth,
     "demo": run_demo,
-    "web": run_web,
     "set-defaults": run_set_defaults,
 }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .bundle import BundleError
+    from .cards import BundleError
     from .translation import TranslationCancelled
 
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+
+from .settings import CARD_DEFAULTS, DetectionSettings
 
 T = TypeVar("T")
 
@@ -84,24 +86,6 @@ class NormalisationConfig:
 
 
 @dataclass
-class InferenceDefaults:
-    """Default slider values for this model, chosen by measurement (see the card's metrics).
-
-    ``map_smoothing`` is the σ, in model pixels, of a Gaussian applied to the anomaly map
-    before thresholding (0: the raw map of the paper); it suppresses the pixel-level
-    reconstruction noise of healthy tissue, which is not where lesions are.
-    """
-
-    noise_level: float = 0.5
-    guidance_scale: float = 10.0
-    steps: int = 25
-    threshold: Union[str, float] = "otsu"
-    min_component_voxels: int = 0
-    map_smoothing: float = 0.0
-    batch_size: int = 32
-
-
-@dataclass
 class ModelCard:
     """Everything needed to rebuild and correctly use a pair of networks.
 
@@ -123,7 +107,7 @@ class ModelCard:
     healthy_class: int = 0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
-    defaults: InferenceDefaults = field(default_factory=InferenceDefaults)
+    defaults: DetectionSettings = CARD_DEFAULTS
     name: str = "unnamed"
     description: str = ""
     training: Dict[str, Any] = field(default_factory=dict)
@@ -134,7 +118,7 @@ class ModelCard:
         "classifier": NetworkConfig,
         "schedule": ScheduleConfig,
         "normalisation": NormalisationConfig,
-        "defaults": InferenceDefaults,
+        "defaults": DetectionSettings,
     }
 
     def validate(self) -> None:
@@ -147,6 +131,8 @@ class ModelCard:
             self.classifier.validate("classifier")
         if self.healthy_class not in (0, 1):
             raise ValueError("healthy_class must be 0 or 1")
+        if self.defaults.resolve(self) != self.defaults:
+            raise ValueError("the default settings must be complete, checked values (see DetectionSettings.resolve)")
 
     def summary(self) -> List[str]:
         """A few lines for a model picker: name, channels, and the recorded test scores."""

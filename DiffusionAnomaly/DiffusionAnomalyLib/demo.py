@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,6 +14,7 @@ from .evaluation import dice_score, ranking_scores
 from .imageio import read_image, write_image
 from .preprocessing import Orientation
 from .resources import default_model, sample_channels, sample_mask
+from .settings import DetectionSettings
 
 
 def _display_slices(truth: np.ndarray, count: int) -> List[int]:
@@ -72,13 +73,14 @@ def save_figure(flair: np.ndarray, healthy: np.ndarray, result: DetectionResult,
     return path
 
 
-def run_demo(out: Path, device: str = "auto", progress=None, **detect_options) -> Dict[str, object]:
+def run_demo(out: Path, settings: Optional[DetectionSettings] = None, progress=None) -> Dict[str, object]:
     """Detects anomalies in the sample study with the default model; writes NIfTIs and a PNG."""
     started = time.perf_counter()
-    detector = AnomalyDetector.from_bundle(default_model(), device=device)
+    settings = settings or DetectionSettings()
+    detector = AnomalyDetector.from_bundle(default_model(), device=settings.device)
     images = [read_image(p) for p in sample_channels()]
     truth = sitk.GetArrayFromImage(read_image(sample_mask())) > 0
-    result = detector.detect(images, progress=progress, **detect_options)
+    result = detector.detect(images, settings=settings, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     written = {
         "map": write_image(result.anomaly_map, result.geometry, out / "anomaly_map.nii.gz"),

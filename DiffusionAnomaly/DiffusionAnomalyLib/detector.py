@@ -23,10 +23,10 @@ from .config import ModelCard
 from .imageio import Geometry, check_same_grid
 from .networks import noise_predictor, time_classifier
 from .preprocessing import BACKGROUND, denormalise, otsu_threshold, prepare_volume
+from .settings import OTSU, DetectionSettings, Threshold
 from .translation import TimeModel, ddim_timesteps, translate
 
 ChannelInput = Union[np.ndarray, sitk.Image]
-Threshold = Union[str, float]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -64,7 +64,7 @@ def threshold_map(anomaly_map: np.ndarray, foreground: np.ndarray, threshold: Th
     ``min_component_voxels`` are removed. Returns the uint8 mask and the threshold used.
     """
     if isinstance(threshold, str):
-        if threshold != "otsu":
+        if threshold != OTSU:
             raise ValueError(f"threshold must be 'otsu' or a number, got {threshold!r}")
         value = otsu_threshold(anomaly_map[foreground])
     else:
@@ -89,6 +89,7 @@ class DetectionResult:
         foreground: the voxels the map was computed on (the foreground of the translated
             slices), for re-thresholding.
         threshold: the threshold value that produced ``mask``.
+        settings: the resolved settings that produced this result.
     """
 
     anomaly_map: np.ndarray
@@ -96,6 +97,7 @@ class DetectionResult:
     healthy: List[np.ndarray]
     foreground: np.ndarray
     threshold: float
+    settings: DetectionSettings
     geometry: Geometry
     slices_processed: int
     seconds: float
@@ -154,9 +156,6 @@ class AnomalyDetector:
                 if image.GetDimension() not in (2, 3):
                     raise ValueError(f"channel {name} is a {image.GetDimension()}D image; give one 3D volume (or 2D slice) per channel")
             check_same_grid(images, names)
-            was_2d = images[0].GetDimension() == 2
-            if was_2d:
-                images = [sitk.JoinSeries(image) for image in images]
             geometry = Geometry.of(images[0])
             arrays = [sitk.GetArrayFromImage(image) for image in images]
         else:
@@ -166,10 +165,12 @@ class AnomalyDetector:
                     raise ValueError(f"channel {name} is a {array.ndim}D array; give one 3D volume (or 2D slice) per channel")
                 if array.shape != arrays[0].shape:
                     raise ValueError(f"channel {name} has shape {array.shape} but {names[0]} has {arrays[0].shape}: all channels must share one voxel grid")
-            was_2d = arrays[0].ndim == 2
-            if was_2d:
-                arrays = [a[np.newaxis] for a in arrays]
-            geometry = geometry or Geometry()
+            geometry = geometry or Geometry.default(arrays[0].ndim)
+            if geometry.dimension != arrays[0].ndim:
+                raise ValueError(f"the channels are {arrays[0].ndim}D arrays but their geometry is {geometry.dimension}D")
+        was_2d = arrays[0].ndim == 2
+        if was_2d:
+            arrays = [a[np.newaxis] for a in arrays]
         for name, array in zip(names, arrays):
             if array.size == 0:
                 raise ValueError(f"channel {name} is empty (no voxels)")
@@ -185,15 +186,8 @@ class AnomalyDetector:
         self,
         channels: Sequence[ChannelInput],
         geometry: Optional[Geometry] = None,
+        settings: Optional[DetectionSettings] = None,
         *,
-        noise_level: Optional[float] = None,
-        guidance_scale: Optional[float] = None,
-        steps: Optional[int] = None,
-        threshold: Optional[Threshold] = None,
-        min_component_voxels: Optional[int] = None,
-        map_smoothing: Optional[float] = None,
-        batch_size: Optional[int] = None,
-        precision: str = "auto",
         axial_slices: Optional[Sequence[int]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         cancel: Optional[Callable[[], bool]] = None,
@@ -203,9 +197,7 @@ class AnomalyDetector:
         Args:
             channels: one volume per model channel, in the card's order: SimpleITK images,
                 or numpy arrays (k, j, i) whose grid is ``geometry``. A 2D image is one slice.
-            noise_level, guidance_scale, steps, threshold, min_component_voxels, map_smoothing,
-                batch_size: override the card's defaults.
-            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the network passes.
+            settings: what to change from the card's defaults (see :class:`DetectionSettings`).
             axial_slices: restrict the work to these canonical axial slice indices
                 (inferior to superior), e.g. to preview one slice; others get a zero map.
             progress: ``progress(done, total)`` over all network steps of all batches.
@@ -213,21 +205,11 @@ class AnomalyDetector:
                 is raised and nothing is returned.
         """
         started = time.perf_counter()
-        defaults = self.card.defaults
-        noise_level = defaults.noise_level if noise_level is None else noise_level
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        steps = defaults.steps if steps is None else steps
-        threshold = defaults.threshold if threshold is None else threshold
-        min_component_voxels = defaults.min_component_voxels if min_component_voxels is None else min_component_voxels
-        map_smoothing = defaults.map_smoothing if map_smoothing is None else map_smoothing
-        if map_smoothing < 0:
-            raise ValueError(f"map_smoothing must be >= 0, got {map_smoothing}")
-        batch_size = max(1, defaults.batch_size if batch_size is None else batch_size)
-
+        settings = (settings or DetectionSettings()).resolve(self.card)
         volume = self._check_inputs(channels, geometry)
         prepared = prepare_volume(
             volume.arrays,
-            volume.geometry.direction,
+            volume.geometry.as_3d().direction,
             self.card.channels,
             self.card.image_size,
             self.card.normalisation,
@@ -235,14 +217,14 @@ class AnomalyDetector:
         )
         model_input, indices, frame = prepared.images, prepared.indices, prepared.frame
         canonical, foreground, orientation = prepared.canonical, prepared.foreground, prepared.orientation
-        translated = self._translate_in_batches(model_input, noise_level, guidance_scale, steps, batch_size, precision, progress, cancel)
+        translated = self._translate_in_batches(model_input, settings, progress, cancel)
 
         plane = canonical.shape[2:]
         # The map is taken at the model's resolution: the translation cannot restore detail
         # finer than that, and comparing at full resolution would light up every edge.
         small_map = (model_input - translated).abs().sum(dim=1, keepdim=True) / 2.0
-        if map_smoothing > 0 and len(small_map):
-            small_map = GaussianFilter(spatial_dims=2, sigma=map_smoothing)(small_map)
+        if settings.map_smoothing > 0 and len(small_map):
+            small_map = GaussianFilter(spatial_dims=2, sigma=settings.map_smoothing)(small_map)
         anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
         healthy_model = prepared.normalised.copy()
         if indices:
@@ -253,7 +235,7 @@ class AnomalyDetector:
         analysed[indices] = foreground[indices]
         anomaly = np.clip(anomaly, 0.0, None) * analysed
         healthy = np.where(analysed, denormalise(healthy_model, prepared.scale), canonical)
-        mask, threshold_value = threshold_map(anomaly, analysed, threshold, min_component_voxels)
+        mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels)
 
         def back(array: np.ndarray) -> np.ndarray:
             out = np.ascontiguousarray(orientation.from_canonical(array))
@@ -265,16 +247,18 @@ class AnomalyDetector:
             healthy=[back(channel).astype(np.float32) for channel in healthy],
             foreground=back(analysed),
             threshold=threshold_value,
+            settings=settings,
             geometry=volume.geometry,
             slices_processed=len(indices),
             seconds=time.perf_counter() - started,
         )
 
-    def _translate_in_batches(self, images, noise_level, guidance_scale, steps, batch_size, precision, progress, cancel) -> torch.Tensor:
+    def _translate_in_batches(self, images: torch.Tensor, settings: DetectionSettings, progress, cancel) -> torch.Tensor:
         """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory."""
-        precision = resolve_precision(precision, self.device)
-        steps_per_slice = 2 * (len(ddim_timesteps(noise_level, steps, self.card.schedule.num_train_timesteps)) - 1)
+        precision = resolve_precision(settings.precision, self.device)
+        steps_per_slice = 2 * (len(ddim_timesteps(settings.noise_level, settings.steps, self.card.schedule.num_train_timesteps)) - 1)
         total = len(images) * steps_per_slice
+        batch_size = settings.batch_size
         outputs: List[torch.Tensor] = []
         start = 0
         while start < len(images):
@@ -289,9 +273,9 @@ class AnomalyDetector:
                     batch,
                     self.eps_model,
                     self.classifier,
-                    noise_level=noise_level,
-                    steps=steps,
-                    guidance_scale=guidance_scale,
+                    noise_level=settings.noise_level,
+                    steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
                     healthy_class=self.card.healthy_class,
                     schedule=self.card.schedule,
                     precision=precision,

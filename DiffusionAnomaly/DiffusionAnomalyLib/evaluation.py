@@ -17,9 +17,10 @@ from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .data import Subject, labelled_slices, read_subject
-from .detector import AnomalyDetector, Threshold, threshold_map
+from .detector import AnomalyDetector, threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
+from .settings import DetectionSettings, Threshold
 
 POOLED_VOXELS_PER_SUBJECT = 200_000
 
@@ -98,9 +99,9 @@ def evaluate_subjects(
     *,
     slice_step: int = 1,
     extra_thresholds: Sequence[Threshold] = (),
+    settings: Optional[DetectionSettings] = None,
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
-    **detect_options,
 ) -> Dict[str, object]:
     """Runs detection on each subject and scores it.
 
@@ -109,19 +110,19 @@ def evaluate_subjects(
             those slices are translated and counted.
         extra_thresholds: more thresholds (``"otsu"`` or values) whose Dice and
             false positives are reported from the same maps, without recomputing them.
-        detect_options: passed to :meth:`AnomalyDetector.detect`.
+        settings: the detection settings (the card's defaults where ``None``).
     """
+    settings = (settings or DetectionSettings()).resolve(detector.card)
     rng = np.random.default_rng(seed)
     rows: List[Dict[str, object]] = []
     pooled_scores, pooled_truth, slice_probs, slice_labels = [], [], [], []
     tally = _ThresholdTally()
     extra = {str(t): _ThresholdTally() for t in extra_thresholds}
-    min_component = detect_options.get("min_component_voxels", detector.card.defaults.min_component_voxels)
     for number, subject in enumerate(subjects, 1):
         arrays, reference, mask_array = read_subject(subject, detector.card.channels)
         geometry = Geometry.of(reference)
         evaluated, chosen = _evaluated_voxels(arrays.shape[1:], geometry.direction, slice_step)
-        result = detector.detect(list(arrays), geometry, axial_slices=chosen if slice_step > 1 else None, **detect_options)
+        result = detector.detect(list(arrays), geometry, settings, axial_slices=chosen if slice_step > 1 else None)
         lesion = (mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)
         healthy_subject = not lesion.any()
         truth = lesion & evaluated
@@ -140,7 +141,7 @@ def evaluate_subjects(
         rows.append(row)
         tally.add(prediction, truth, foreground, healthy_subject)
         for threshold in extra_thresholds:
-            mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, min_component)
+            mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, settings.min_component_voxels)
             extra[str(threshold)].add(mask.astype(bool) & evaluated, truth, foreground, healthy_subject)
         voxels = np.flatnonzero(foreground)
         if len(voxels) > POOLED_VOXELS_PER_SUBJECT:
@@ -175,7 +176,7 @@ def evaluate_subjects(
         "healthy_subjects_fp_percent": tally.summary()["healthy_subjects_fp_percent"],
         "thresholds": {name: t.summary() for name, t in extra.items()},
         "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int(labels.sum())},
-        "settings": {"slice_step": slice_step, **{k: v for k, v in detect_options.items() if not callable(v)}},
+        "settings": {"slice_step": slice_step, **settings.to_dict()},
     }
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
+
+from .files import staged_files
 
 GEOMETRY_TOLERANCE = 1e-4
 
@@ -26,6 +30,23 @@ class Geometry:
     @classmethod
     def of(cls, image: sitk.Image) -> "Geometry":
         return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    @classmethod
+    def default(cls, dimension: int) -> "Geometry":
+        """Unit spacing, zero origin, identity direction in 2D or 3D."""
+        return cls((1.0,) * dimension, (0.0,) * dimension, tuple(float(r == c) for r in range(dimension) for c in range(dimension)))
+
+    @property
+    def dimension(self) -> int:
+        return len(self.spacing)
+
+    def as_3d(self) -> "Geometry":
+        """A 2D slice's grid as a one-slice 3D grid (the third axis perpendicular to the slice)."""
+        if self.dimension == 3:
+            return self
+        direction = np.eye(3)
+        direction[:2, :2] = np.asarray(self.direction, dtype=float).reshape(2, 2)
+        return Geometry(tuple(self.spacing) + (1.0,), tuple(self.origin) + (0.0,), tuple(float(v) for v in direction.ravel()))
 
     def applied_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)
@@ -59,28 +80,107 @@ class Geometry:
         ]
 
 
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def image_suffix(path: Union[str, Path]) -> str:
+    """The image extension of ``path`` (``.nii.gz`` counts as one), or ``""`` if it has none we write."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in IMAGE_SUFFIXES if name.endswith(suffix)), "")
+
+
+def _raw_nifti_has_nan(path: Path) -> bool:
+    """NaN in a float NIfTI file's own data: SimpleITK's reader turns NaN voxels into zeros."""
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return False
+    return bool(np.isnan(np.asanyarray(image.dataobj)).any())
+
+
 def read_image(path: Union[str, Path]) -> sitk.Image:
-    """Reads one volume, with a message that names the file when it cannot be read."""
+    """Reads one volume, with a message that names the file when it cannot be read.
+
+    NaN or infinite voxels are refused for every format (SimpleITK reads NaN in NIfTI as 0,
+    so the file's own data is checked as well).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise ValueError(f"cannot read {path} as an image (NIfTI .nii/.nii.gz or NRRD .nrrd expected): {error}") from error
+        raise ValueError(f"cannot read {path.name} as an image: a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) volume is needed") from error
+    array = sitk.GetArrayViewFromImage(image)
+    nan_in_file = path.name.lower().endswith((".nii", ".nii.gz")) and _raw_nifti_has_nan(path)
+    if nan_in_file or (np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all()):
+        raise ValueError(f"{path.name} contains NaN or infinite voxels; fix or mask them before detection")
+    return image
 
 
 def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return geometry.applied_to(sitk.GetImageFromArray(array))
 
 
+def check_output_paths(outputs: Sequence[Union[str, Path]], inputs: Sequence[Union[str, Path]] = ()) -> None:
+    """Refuses, before any work, output paths that cannot be written or would destroy data.
+
+    Each output must have an image extension, sit in an existing writable folder, not be a
+    folder itself, and differ from every input (also through links) and from every other output.
+    """
+    seen = {}
+    for output in (Path(p) for p in outputs):
+        if not image_suffix(output):
+            raise ValueError(f"output {output} has no image extension: use one of {', '.join(IMAGE_SUFFIXES)}")
+        parent = output.parent
+        if not parent.exists():
+            raise ValueError(f"the folder of output {output} does not exist: create {parent} first")
+        if not parent.is_dir():
+            raise ValueError(f"output {output} cannot be written: {parent} is a file, not a folder")
+        if not _can_create_files_in(parent):
+            raise ValueError(f"output {output} cannot be written: {parent} does not let this user create files")
+        if output.is_dir():
+            raise ValueError(f"output {output} is an existing folder; give a file name")
+        for source in (Path(p) for p in inputs):
+            if _same_file(output, source):
+                raise ValueError(f"output {output} is the input {source}: the product never overwrites its inputs; choose another output path")
+        key = os.path.normcase(os.path.abspath(output))
+        clash = seen.get(key) or next((other for other in seen.values() if _same_file(output, other)), None)
+        if clash is not None:
+            raise ValueError(f"two outputs would be written to {output}; give each output its own path")
+        seen[key] = output
+
+
+def _can_create_files_in(folder: Path) -> bool:
+    """Tries it: permissions alone do not tell (read-only mounts, ACLs, the superuser)."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".diffusion-anomaly-probe-")
+    except OSError:
+        return False
+    os.close(handle)
+    os.remove(probe)
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
 def write_image(array: np.ndarray, geometry: Geometry, path: Union[str, Path]) -> Path:
-    """Writes an array with the given geometry; the format follows the file extension."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(array_to_image(array, geometry), str(path), useCompression=True)
-    return path
+    """Writes one image atomically; the format follows the file extension."""
+    return write_images([(array, geometry, path)])[0]
+
+
+def write_images(items: Sequence[Tuple[np.ndarray, Geometry, Union[str, Path]]]) -> List[Path]:
+    """Writes several images so that either all of them appear or none does (see :func:`staged_files`)."""
+    paths = [Path(path) for _, _, path in items]
+    with staged_files() as stage:
+        for (array, geometry, _), path in zip(items, paths):
+            sitk.WriteImage(array_to_image(array, geometry), str(stage(path, image_suffix(path) or path.suffix)), useCompression=True)
+    return paths
 
 
 def check_same_grid(images: Sequence[sitk.Image], names: Sequence[str]) -> None:

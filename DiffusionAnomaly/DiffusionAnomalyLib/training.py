@@ -29,7 +29,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from .bundle import CARD_FILE, ModelBundle, bundle_dir, load_bundle, save_bundle
+from .bundle import ModelBundle, load_bundle, save_bundle
+from .cards import CARD_FILE, bundle_dir
 from .config import ModelCard
 from .data import DISEASED, HEALTHY, SliceDataset
 from .detector import resolve_precision

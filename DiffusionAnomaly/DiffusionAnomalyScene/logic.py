@@ -1,36 +1,39 @@
 """Scene logic of anomaly detection: what every front end (desktop, web, scripts) calls.
 
-A detection has three steps, so that the work itself can run elsewhere (a thread, a
-process) while the scene stays untouched until there is a complete result:
+A detection has three steps, so that the work itself can run elsewhere (a process, a
+thread) while the scene stays untouched until there is a complete result:
 
 1. :meth:`AnomalySceneLogic.request` reads the chosen volumes into a
-   :class:`~DiffusionAnomalyLib.jobs.DetectionRequest`;
-2. the caller runs it (``ThreadJob``/``ProcessJob`` from ``DiffusionAnomalyLib.jobs``, or
-   :meth:`AnomalySceneLogic.detect`, which waits);
-3. :meth:`AnomalySceneLogic.apply` writes the result into the map volume and segmentation,
-   creating them the first time and updating them afterwards.
+   :class:`~DiffusionAnomalyLib.jobs.DetectionRequest`, with the settings resolved against
+   the model card (a bad value is refused here, before any work);
+2. a job runs it (``ProcessJob`` in desktop Slicer, ``ThreadJob`` in the web app);
+3. :meth:`AnomalySceneLogic.apply` writes the result into a map volume and a segmentation.
 
-:meth:`AnomalySceneLogic.rethreshold` re-cuts the segmentation from the stored map at once.
+:class:`DetectionRun` owns these steps for a front end: one run at a time, its status,
+Cancel, and where the result goes. A preview of one slice is written to preview nodes of
+its own, never over a full result.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
 
-from DiffusionAnomalyLib.bundle import load_card
+from DiffusionAnomalyLib.cards import load_card
 from DiffusionAnomalyLib.config import ModelCard
-from DiffusionAnomalyLib.detector import DetectionResult, threshold_map
-from DiffusionAnomalyLib.jobs import DetectionRequest, ThreadJob
+from DiffusionAnomalyLib.jobs import CANCELLED, DONE, RUNNING, DetectionJob, DetectionRequest, JobStatus, ThreadJob
+from DiffusionAnomalyLib.settings import DetectionSettings, Threshold
 
 from . import outputs
 from .volumes import axial_slice_at, channel_inputs, guess_channel_volumes
 
 ATTRIBUTE_PREFIX = "DiffusionAnomaly."
+PREVIEW_OF = ATTRIBUTE_PREFIX + "PreviewOf"
+JobFactory = Callable[[DetectionRequest], DetectionJob]
 
 
 def prepare_scene(scene) -> None:
@@ -49,25 +52,6 @@ def _node_ids(scene) -> List[str]:
 
 
 @dataclass
-class DetectionSettings:
-    """The panel's settings; ``None`` means the model card's default.
-
-    ``threshold`` is a map value or ``"otsu"``; ``device`` is auto, cpu or cuda.
-    """
-
-    noise_level: Optional[float] = None
-    guidance_scale: Optional[float] = None
-    steps: Optional[int] = None
-    threshold: Optional[Union[float, str]] = None
-    batch_size: Optional[int] = None
-    device: str = "auto"
-
-    def engine_settings(self) -> Dict[str, object]:
-        names = ("noise_level", "guidance_scale", "steps", "threshold", "batch_size")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-
-@dataclass
 class DetectionOutputs:
     """Where a detection's results are in the scene, and what they say."""
 
@@ -80,8 +64,12 @@ class DetectionOutputs:
     preview_slice: Optional[int] = None
     messages: List[str] = field(default_factory=list)
 
+    @property
+    def is_preview(self) -> bool:
+        return self.preview_slice is not None
+
     def summary(self) -> str:
-        what = f"slice {self.preview_slice} (preview)" if self.preview_slice is not None else f"{self.slices_processed} slices"
+        what = f"slice {self.preview_slice} (preview)" if self.is_preview else f"{self.slices_processed} slices"
         return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}"
 
 
@@ -114,9 +102,9 @@ class AnomalySceneLogic:
         nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
         return [node for node in nodes if not node.IsA("vtkMRMLLabelMapVolumeNode") and node.GetAttribute(ATTRIBUTE_PREFIX + "Model") is None]
 
-    def guess_channel_volumes(self, channel_names: Sequence[str]) -> List[Optional[object]]:
-        """One input volume per channel, matched by name (``*flair*`` → FLAIR, ...), or None."""
-        return guess_channel_volumes(channel_names, self.input_volumes())
+    def guess_channel_volumes(self, channel_names: Sequence[str], chosen: Sequence[Optional[object]] = ()) -> List[Optional[object]]:
+        """One input volume per channel: the ``chosen`` ones kept, empty ones matched by name."""
+        return guess_channel_volumes(channel_names, self.input_volumes(), chosen)
 
     # -- 1. request ------------------------------------------------------------------------
 
@@ -125,34 +113,21 @@ class AnomalySceneLogic:
         """Reads the channel volumes (one per model channel, in the card's order).
 
         ``preview_ras``: a point on the slice to preview (the red view's centre); only the
-        axial slice through it is translated.
+        axial slice through it is translated. Raises ``ValueError`` for a bad setting or input.
         """
-        settings = settings or DetectionSettings()
         card = load_card(model)
+        resolved = (settings or DetectionSettings()).resolve(card)
         inputs = channel_inputs(card.channels, volume_nodes)
         reference = volume_nodes[0]
         preview_slice = None
         if preview_ras is not None:
             preview_slice, _ = axial_slice_at(reference, preview_ras)
-        request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, settings.engine_settings(), settings.device,
-                                   None if preview_slice is None else [preview_slice])
-        names = [name.lower() for name in card.channels]
-        background = volume_nodes[names.index("flair")] if "flair" in names else reference
-        return PendingDetection(request, card, reference, background, preview_slice, inputs.messages)
-
-    # -- 2. run (here, waiting) --------------------------------------------------------------
-
-    def detect(self, model: str, volume_nodes: Sequence[Optional[object]], settings: Optional[DetectionSettings] = None,
-               preview_ras: Optional[Sequence[float]] = None, map_node=None, segmentation_node=None) -> DetectionOutputs:
-        """Request, run and apply in one call, for scripts (blocks until done)."""
-        pending = self.request(model, volume_nodes, settings, preview_ras)
-        job = ThreadJob(pending.request)
-        job.wait()
-        return self.apply(pending, job.result(), map_node, segmentation_node)
+        request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, resolved, None if preview_slice is None else [preview_slice])
+        return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages)
 
     # -- 3. apply ----------------------------------------------------------------------------
 
-    def apply(self, pending: PendingDetection, result: DetectionResult, map_node=None, segmentation_node=None) -> DetectionOutputs:
+    def apply(self, pending: PendingDetection, result, map_node=None, segmentation_node=None) -> DetectionOutputs:
         """Writes a finished result; nodes given are updated, missing ones are created.
 
         If writing fails, every node added to the scene here is removed again.
@@ -163,11 +138,15 @@ class AnomalySceneLogic:
             raise ValueError(f"the result's grid {result.mask.shape} does not match volume '{reference.GetName()}' {shape}: "
                              "the input changed while detection ran; run Detect anomalies again")
         existing = set(_node_ids(self.scene))
+        suffix = " preview" if pending.preview_slice is not None else ""
         try:
             if map_node is None:
-                map_node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{reference.GetName()} anomaly map")
+                map_node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{reference.GetName()} anomaly map{suffix}")
             if segmentation_node is None:
-                segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} anomalies")
+                segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} anomalies{suffix}")
+            if pending.preview_slice is not None:
+                for node in (map_node, segmentation_node):
+                    node.SetAttribute(PREVIEW_OF, reference.GetID())
             outputs.write_map_volume(self.scene, map_node, result.anomaly_map, reference)
             outputs.style_map_display(self.scene, map_node, result.anomaly_map, result.foreground, result.threshold)
             outputs.write_segment(self.scene, segmentation_node, result.mask, reference)
@@ -187,17 +166,30 @@ class AnomalySceneLogic:
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),
                                 result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages))
 
-    def _record(self, map_node, pending: PendingDetection, result: DetectionResult) -> None:
+    def preview_nodes(self, reference_node) -> Tuple[Optional[object], Optional[object]]:
+        """The map and segmentation that hold previews of ``reference_node``, if there are any yet."""
+        found: Dict[str, object] = {}
+        for class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
+            collection = self.scene.GetNodesByClass(class_name)
+            for i in range(collection.GetNumberOfItems()):
+                node = collection.GetItemAsObject(i)
+                if node.GetAttribute(PREVIEW_OF) == reference_node.GetID():
+                    found.setdefault(class_name, node)
+        return found.get("vtkMRMLScalarVolumeNode"), found.get("vtkMRMLSegmentationNode")
+
+    def _record(self, map_node, pending: PendingDetection, result) -> None:
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Model", pending.request.model)
-        map_node.SetAttribute(ATTRIBUTE_PREFIX + "Settings", json.dumps(pending.request.settings))
+        map_node.SetAttribute(ATTRIBUTE_PREFIX + "Settings", json.dumps(result.settings.to_dict()))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(result.threshold)))
-        map_node.SetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels", str(pending.card.defaults.min_component_voxels))
+        map_node.SetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels", str(result.settings.min_component_voxels))
 
     # -- re-threshold --------------------------------------------------------------------------
 
-    def rethreshold(self, map_node, segmentation_node, threshold: Union[float, str],
+    def rethreshold(self, map_node, segmentation_node, threshold: Threshold,
                     min_component_voxels: Optional[int] = None) -> Tuple[int, float]:
         """Re-cuts the segmentation from the map node's values; returns (voxels, threshold)."""
+        from DiffusionAnomalyLib.detector import threshold_map
+
         if map_node is None or map_node.GetImageData() is None:
             raise ValueError("there is no anomaly map to threshold yet: run Detect anomalies first")
         if segmentation_node is None:
@@ -210,8 +202,106 @@ class AnomalySceneLogic:
             min_component_voxels = int(map_node.GetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels") or 0)
         mask, value = threshold_map(anomaly_map, analysed, threshold, min_component_voxels)
         outputs.write_segment(self.scene, segmentation_node, mask, map_node)
-        display = map_node.GetDisplayNode()
-        if display is not None:
-            display.SetLowerThreshold(max(value, 0.0) * outputs.DISPLAY_FLOOR_FRACTION)
+        self.show_threshold(map_node, value)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(value)))
         return int(mask.sum()), float(value)
+
+    @staticmethod
+    def show_threshold(map_node, value: float) -> None:
+        """Moves the heat map's transparent floor with the threshold (cheap: no segmentation update)."""
+        display = map_node.GetDisplayNode() if map_node is not None else None
+        if display is not None:
+            display.SetLowerThreshold(max(float(value), 0.0) * outputs.DISPLAY_FLOOR_FRACTION)
+
+
+def background_volume(card: ModelCard, volume_nodes: Sequence[Optional[object]]):
+    """The volume shown under the map: FLAIR when the model has it (lesions show best there), else the first."""
+    names = [name.lower() for name in card.channels]
+    if "flair" in names and volume_nodes[names.index("flair")] is not None:
+        return volume_nodes[names.index("flair")]
+    return volume_nodes[0]
+
+
+class DetectionRun:
+    """The detection of one front end: one at a time, followed, cancellable, finished into the scene.
+
+    Args:
+        scene_logic: the scene the results go to.
+        start_job: runs a full detection (``ProcessJob`` in desktop Slicer, ``ThreadJob`` elsewhere).
+        start_preview_job: runs a one-slice preview (default: as ``start_job``).
+    """
+
+    def __init__(self, scene_logic: AnomalySceneLogic, start_job: JobFactory = ThreadJob, start_preview_job: Optional[JobFactory] = None) -> None:
+        self.scene_logic = scene_logic
+        self._start_job = start_job
+        self._start_preview_job = start_preview_job or start_job
+        self._job: Optional[DetectionJob] = None
+        self._pending: Optional[PendingDetection] = None
+        self._targets: Tuple[Optional[object], Optional[object]] = (None, None)
+        self.full: Optional[DetectionOutputs] = None
+        self.latest: Optional[DetectionOutputs] = None
+
+    @property
+    def running(self) -> bool:
+        return self._job is not None and self._job.status().state == RUNNING
+
+    def start(self, model: str, volume_nodes: Sequence[Optional[object]], settings: Optional[DetectionSettings] = None,
+              preview_ras: Optional[Sequence[float]] = None, map_node=None, segmentation_node=None) -> List[str]:
+        """Starts a detection (a preview of the slice through ``preview_ras`` if given); returns notes on the inputs.
+
+        A full result goes to ``map_node``/``segmentation_node`` (created when ``None``); a
+        preview always goes to the reference volume's own preview nodes.
+        """
+        if self.running:
+            raise RuntimeError("a detection is already running: wait for it or cancel it first")
+        pending = self.scene_logic.request(model, volume_nodes, settings, preview_ras)
+        preview = pending.preview_slice is not None
+        self._targets = self.scene_logic.preview_nodes(pending.reference_node) if preview else (map_node, segmentation_node)
+        self._job = (self._start_preview_job if preview else self._start_job)(pending.request)
+        self._pending = pending
+        return list(pending.messages)
+
+    def status(self) -> Optional[JobStatus]:
+        return self._job.status() if self._job is not None else None
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self._job = self._pending = None
+
+    def finish(self) -> Optional[DetectionOutputs]:
+        """Writes a finished job's result into the scene: its outputs, or None if it was cancelled.
+
+        Raises ``RuntimeError`` with the job's message if it failed (the scene is unchanged).
+        """
+        job, pending = self._job, self._pending
+        if job is None or pending is None:
+            return None
+        status = job.status()
+        if status.state == RUNNING:
+            raise RuntimeError("the detection is still running")
+        self._job = self._pending = None
+        if status.state == CANCELLED:
+            return None
+        if status.state != DONE:
+            raise RuntimeError(status.message or "the detection failed")
+        result = self.scene_logic.apply(pending, job.result(), *self._targets)
+        if not result.is_preview:
+            self.full = result
+        self.latest = result
+        return result
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[DetectionOutputs]:
+        """Blocks until the detection ends and finishes it (for scripts); cancels it after ``timeout`` s."""
+        if self._job is None:
+            return None
+        if self._job.wait(timeout).state == RUNNING:
+            self.cancel()
+            raise TimeoutError(f"the detection did not finish within {timeout} s and was cancelled")
+        return self.finish()
+
+    def rethreshold(self, threshold: Threshold) -> Tuple[int, float]:
+        """Re-cuts the segmentation of the result shown last (full or preview)."""
+        if self.latest is None:
+            raise ValueError("there is no anomaly map to threshold yet: run Detect anomalies first")
+        return self.scene_logic.rethreshold(self.latest.map_node, self.latest.segmentation_node, threshold)

@@ -79,7 +79,14 @@ def style_map_display(scene, map_node, anomaly_map: np.ndarray, analysed: np.nda
 
 
 def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node) -> None:
-    """Puts ``mask`` into the segmentation's "Anomaly" segment, creating the segment if needed."""
+    """Puts ``mask`` into the segmentation's "Anomaly" segment, creating the segment if needed.
+
+    The segmentation and the temporary labelmap sit under the reference volume's transform:
+    importing a labelmap applies the transform between the labelmap's and the segmentation's
+    parents (Slicer's ``vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode``),
+    so a labelmap outside the transform would land where the volume was before it was moved.
+    """
+    segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     segmentation = segmentation_node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(SEGMENT_NAME)
@@ -92,6 +99,7 @@ def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node) ->
         matrix = vtk.vtkMatrix4x4()
         reference_node.GetIJKToRASMatrix(matrix)
         labelmap.SetIJKToRASMatrix(matrix)
+        labelmap.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
         slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(mask, dtype=np.uint8))
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)

@@ -75,20 +75,25 @@ def array_of(volume_node) -> np.ndarray:
     return np.asarray(slicer.util.arrayFromVolume(volume_node), dtype=np.float32)
 
 
-def guess_channel_volumes(channel_names: Sequence[str], volume_nodes: Sequence) -> List[Optional[object]]:
+def guess_channel_volumes(channel_names: Sequence[str], volume_nodes: Sequence, chosen: Sequence[Optional[object]] = ()) -> List[Optional[object]]:
     """Pairs each model channel with the loaded volume whose name says it is that sequence.
 
-    A volume is used for one channel at most; channels without a match get ``None``.
+    Channels with a volume in ``chosen`` keep it; the others are guessed among the volumes
+    not chosen for any channel, each used once. Channels without a match get ``None``.
     """
-    chosen: List[Optional[object]] = []
-    taken = set()
-    for channel in channel_names:
+    chosen = list(chosen) + [None] * (len(channel_names) - len(chosen))
+    taken = {node.GetID() for node in chosen if node is not None}
+    guesses: List[Optional[object]] = []
+    for channel, current in zip(channel_names, chosen):
+        if current is not None:
+            guesses.append(current)
+            continue
         pattern = CHANNEL_NAME_PATTERNS.get(channel.lower(), re.escape(channel.lower()))
         match = next((node for node in volume_nodes if node.GetID() not in taken and re.search(pattern, node.GetName().lower())), None)
         if match is not None:
             taken.add(match.GetID())
-        chosen.append(match)
-    return chosen
+        guesses.append(match)
+    return guesses
 
 
 @dataclass
@@ -107,6 +112,10 @@ def channel_inputs(channel_names: Sequence[str], volume_nodes: Sequence[Optional
     missing = [name for name, node in zip(channel_names, volume_nodes) if node is None]
     if missing:
         raise ValueError(f"no input volume chosen for {', '.join(missing)}: this model needs {', '.join(channel_names)}; load and select one volume per sequence")
+    for index, node in enumerate(volume_nodes):
+        twin = next((other for other, other_node in zip(channel_names[index + 1:], volume_nodes[index + 1:]) if other_node is node), None)
+        if twin is not None:
+            raise ValueError(f"volume '{node.GetName()}' is chosen for both {channel_names[index]} and {twin}: choose a different volume for each sequence")
     transforms = {node.GetTransformNodeID() for node in volume_nodes}
     if len(transforms) > 1:
         raise ValueError("the input volumes are under different transforms: harden the transforms (Data module) so that all inputs share one patient space")

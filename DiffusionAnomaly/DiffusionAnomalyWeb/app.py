@@ -1,9 +1,10 @@
 """One browser session of the web app: Slicer views and the detection panel (trame-slicer).
 
-The panel mirrors the desktop module and drives the same scene logic
+The panel mirrors the desktop module and drives the same detection run of the scene logic
 (``DiffusionAnomalyScene``); detection runs on a worker thread while the event loop keeps
 serving the page. One process holds one session's scene: ``sessions.py`` starts one per
-browser.
+browser and forwards to it with the session's secret, without which this process answers
+nothing (so other users of the machine cannot reach it on its loopback port).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ if not os.environ.get("DISPLAY"):
 import argparse
 import asyncio
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+import slicer
 from aiohttp import web
 from trame.app import TrameApp, asynchronous
 from trame.app.file_upload import ClientFile
@@ -33,42 +36,75 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 
 from DiffusionAnomalyLib import resources
-from DiffusionAnomalyLib.bundle import load_card
-from DiffusionAnomalyLib.jobs import DONE, RUNNING, ThreadJob
-from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionSettings
+from DiffusionAnomalyLib.cards import load_card
+from DiffusionAnomalyLib.jobs import RUNNING, ThreadJob
+from DiffusionAnomalyLib.settings import OTSU, RANGES, DetectionSettings, number_from_text, parse_threshold
+from DiffusionAnomalyScene import outputs
+from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun, background_volume
+
+from .session_secret import SECRET_ENVIRONMENT, require_secret
 
 log = logging.getLogger("diffusion-anomaly.web")
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 POLL_SECONDS = 0.25
+# Re-cutting the segmentation imports a whole labelmap: it waits until the slider rests.
+RETHRESHOLD_DELAY_SECONDS = 0.3
+VOLUME_RENDERING_PRESET = "MR-Default"
+# The head is drawn faint, so that the segmentation inside it stays visible in 3D.
+VOLUME_RENDERING_OPACITY = 0.12
+LEGEND_STOPS = 9
 
 
-def volume_name(path: Path) -> str:
-    name = path.name
-    return next((name[: -len(suffix)] for suffix in IMAGE_SUFFIXES if name.lower().endswith(suffix)), name)
+def heat_gradient() -> str:
+    """A CSS gradient of the map's colour table (the one the views use), for the legend in the panel."""
+    rows = [line.split() for line in outputs.HEAT_COLOR_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    picks = [rows[round(i * (len(rows) - 1) / (LEGEND_STOPS - 1))] for i in range(LEGEND_STOPS)]
+    return "linear-gradient(to right, " + ", ".join(f"rgb({r[2]}, {r[3]}, {r[4]})" for r in picks) + ")"
+
+
+def image_suffix(name: str) -> str:
+    return next((suffix for suffix in IMAGE_SUFFIXES if name.lower().endswith(suffix)), "")
+
+
+def volume_name(upload_name: Optional[str], fallback: str) -> str:
+    """A display name from an uploaded file's name: no folders, no control characters, no extension."""
+    base = re.split(r"[\\/]", upload_name or "")[-1]
+    base = base[: -len(image_suffix(base))] if image_suffix(base) else base
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base).strip(" .")
+    return base[:120] or fallback
 
 
 class AnomalyWebApp(TrameApp):
-    """The page: four views on the left of a drawer with the detection panel."""
+    """The page: four views on the left of a drawer with the detection panel.
 
-    def __init__(self, server=None, model: Optional[str] = None) -> None:
+    Args:
+        model: the model bundle (default: the bundled one).
+        secret: when given, every request must carry it in the ``X-Diffusion-Anomaly-Session``
+            header (the front server adds it); others get 403.
+    """
+
+    def __init__(self, server=None, model: Optional[str] = None, secret: Optional[str] = None) -> None:
         super().__init__(server, client_type="vue3")
         self.model = str(model or resources.default_model())
         self.card = load_card(self.model)
+        self.secret = secret
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
         self.scene = self.slicer.scene
+        # trame-slicer sets up the scene with vtkMRMLColorLogic, which (unlike Slicer's
+        # vtkSlicerColorLogic) does not register the colour-legend node class.
+        if not self.scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+            self.scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
         self.scene_logic = AnomalySceneLogic(self.scene)
+        self.run = DetectionRun(self.scene_logic, ThreadJob)
         self.layout_manager = LayoutManager(self.scene, self.slicer.view_manager, self.server)
         self.layout_manager.register_layout("four-up", Layout(LayoutDirection.Vertical, [
             Layout(LayoutDirection.Horizontal, [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.threed_view()]),
             Layout(LayoutDirection.Horizontal, [ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.coronal_view()]),
         ]))
         self.layout_manager.set_layout("four-up")
-        self.map_node = None
-        self.segmentation_node = None
-        self._job = None
-        self._pending = None
-        self._task = None
+        self._rendered_volume = None
+        self._recut = None
 
         defaults = self.card.defaults
         self.state.update({
@@ -79,9 +115,10 @@ class AnomalyWebApp(TrameApp):
             **{self._channel_key(i): None for i in range(len(self.card.channels))},
             "noise_level": float(defaults.noise_level),
             "guidance_scale": float(defaults.guidance_scale),
-            "threshold": float(defaults.threshold) if defaults.threshold != "otsu" else 0.1,
-            "use_otsu": defaults.threshold == "otsu",
-            "steps": int(defaults.steps),
+            "threshold": float(defaults.threshold) if defaults.threshold != OTSU else 0.1,
+            "threshold_max": float(len(self.card.channels)),
+            "use_otsu": defaults.threshold == OTSU,
+            "steps": str(defaults.steps),
             "running": False,
             "progress": 0,
             "progress_text": "",
@@ -90,6 +127,7 @@ class AnomalyWebApp(TrameApp):
             "overlay_shown": False,
             "segmentation_shown": False,
             "anomaly_voxels": 0,
+            "legend_max": 1.0,
         })
         self._build_ui()
         self.ctrl.on_server_bind.add(self._add_routes)
@@ -101,12 +139,16 @@ class AnomalyWebApp(TrameApp):
     # -- page ---------------------------------------------------------------------------------
 
     def _build_ui(self) -> None:
-        with SinglePageWithDrawerLayout(self.server, width=340) as self.ui:
+        noise_low, noise_high = RANGES["noise_level"]
+        guidance_low, guidance_high = RANGES["guidance_scale"]
+        steps_low, steps_high = RANGES["steps"]
+        with SinglePageWithDrawerLayout(self.server, width=360) as self.ui:
             self.ui.title.set_text("Diffusion Anomaly")
             self.ui.root.theme = "dark"
             with self.ui.drawer:
                 with html.Div(classes="pa-3 d-flex flex-column ga-2"):
-                    html.Div("{{ model_summary.join(' ') }}", id="model-summary", classes="text-caption")
+                    html.Div(self.card.name, classes="text-subtitle-2", title=self.card.description)
+                    html.Div("{{ model_summary.slice(1).join(' ') }}", id="model-summary", classes="text-caption")
                     v3.VBtn("Load sample study", id="load-sample", block=True, click=self.load_sample, disabled=("running",))
                     v3.VFileInput(
                         id="upload", label="Upload NIfTI / NRRD volumes", multiple=True, density="compact", hide_details=True,
@@ -118,28 +160,46 @@ class AnomalyWebApp(TrameApp):
                             id=f"channel-{index}", label=f"{name} volume", v_model=(self._channel_key(index),), items=("volumes",),
                             density="compact", hide_details=True, clearable=True, disabled=("running",),
                         )
+                    html.Div("{{ 'Noise level L = ' + Number(noise_level).toFixed(2) + ' (' + Math.round(noise_level * 1000) + ' of 1000 steps)' }}",
+                             id="noise-level-value", classes="text-body-2 mt-2")
                     v3.VSlider(
-                        id="noise-level", label="Noise level L", v_model=("noise_level",), min=0.02, max=1.0, step=0.01,
-                        thumb_label=True, density="compact", hide_details=True, disabled=("running",),
+                        id="noise-level", v_model=("noise_level",), min=max(noise_low, 0.02), max=noise_high, step=0.01,
+                        density="compact", hide_details=True, disabled=("running",),
                         title="How deep the image is encoded into noise: higher removes larger lesions but redraws more healthy anatomy.",
                     )
+                    html.Div("{{ 'Guidance scale s = ' + Number(guidance_scale).toFixed(0) + (guidance_scale == 0 ? ' (plain reconstruction)' : '') }}",
+                             id="guidance-scale-value", classes="text-body-2")
                     v3.VSlider(
-                        id="guidance-scale", label="Guidance s", v_model=("guidance_scale",), min=0, max=200, step=1,
-                        thumb_label=True, density="compact", hide_details=True, disabled=("running",),
+                        id="guidance-scale", v_model=("guidance_scale",), min=guidance_low, max=min(guidance_high, 200), step=1,
+                        density="compact", hide_details=True, disabled=("running",),
                         title="How strongly the classifier pushes toward healthy; 0 is a plain reconstruction.",
                     )
+                    html.Div("{{ use_otsu ? 'Threshold: Otsu\\'s, chosen on each map' : 'Threshold = ' + Number(threshold).toFixed(3) + ' (map units, 0 to ' + threshold_max + ')' }}",
+                             id="threshold-value", classes="text-body-2")
                     v3.VSlider(
-                        id="threshold", label="Threshold", v_model=("threshold",), min=0.0, max=1.0, step=0.005,
-                        thumb_label=True, density="compact", hide_details=True, disabled=("running || use_otsu",),
-                        title="Map value above which voxels are segmented; moving it re-cuts the segmentation at once.",
+                        id="threshold", v_model=("threshold",), min=0.005, max=("threshold_max",), step=0.005,
+                        density="compact", hide_details=True, disabled=("running || use_otsu",),
+                        title="Map value above which voxels are segmented; moving it re-cuts the segmentation.",
                     )
                     v3.VCheckbox(id="use-otsu", label="Otsu's threshold", v_model=("use_otsu",), density="compact", hide_details=True)
-                    v3.VTextField(id="steps", label="Steps", v_model_number=("steps",), type="number", min=2, max=1000,
-                                  density="compact", hide_details=True, disabled=("running",))
-                    with html.Div(classes="d-flex ga-2"):
-                        v3.VBtn("{{ running ? 'Cancel' : 'Detect anomalies' }}", id="detect", color=("running ? 'error' : 'primary'",),
-                                click=self.detect_or_cancel, classes="flex-grow-1")
-                        v3.VBtn("Preview slice", id="preview", click=self.preview, disabled=("running",))
+                    with html.Div(id="legend", v_if="overlay_shown", classes="text-caption"):
+                        html.Div("Anomaly map (colours in the views)")
+                        with html.Div(style=f"position: relative; height: 14px; border-radius: 2px; background: {heat_gradient()}"):
+                            html.Div(id="legend-threshold", v_if="!use_otsu",
+                                     style=("{position: 'absolute', top: '-3px', bottom: '-3px', width: '2px', background: '#00d9ff', "
+                                            "left: Math.min(100, 100 * threshold / legend_max) + '%'}",),
+                                     title="the threshold")
+                        with html.Div(classes="d-flex justify-space-between"):
+                            html.Span("0")
+                            html.Span("{{ (legend_max / 2).toFixed(2) }}")
+                            html.Span("{{ legend_max.toFixed(2) }}", id="legend-max")
+                    v3.VTextField(id="steps", label=f"Steps ({steps_low}–{steps_high}; this model's default: {self.card.defaults.steps})",
+                                  v_model=("steps",), density="compact", hide_details=True, disabled=("running",),
+                                  title="DDIM network evaluations per direction: fewer is faster, with more reconstruction error in the map.")
+                    v3.VBtn("{{ running ? 'Cancel' : 'Detect anomalies' }}", id="detect", color=("running ? 'error' : 'primary'",),
+                            click=self.detect_or_cancel, block=True)
+                    v3.VBtn("Preview slice", id="preview", click=self.preview, disabled=("running",), block=True, variant="tonal",
+                            title="Runs only the axial slice shown in the red view, into a preview map of its own.")
                     v3.VProgressLinear(id="progress", v_if="running", model_value=("progress",), height=18, color="amber")
                     html.Div("{{ progress_text }}", id="progress-text", v_if="running", classes="text-caption")
                     v3.VAlert(id="error", v_if="error_msg", type="error", density="compact", text=("error_msg",),
@@ -155,81 +215,108 @@ class AnomalyWebApp(TrameApp):
 
     # -- loading ------------------------------------------------------------------------------
 
+    def _channel_nodes(self) -> list:
+        ids = [self.state[self._channel_key(i)] for i in range(len(self.card.channels))]
+        return [self.scene.GetNodeByID(node_id) if node_id else None for node_id in ids]
+
     def _refresh_volumes(self) -> None:
         nodes = self.scene_logic.input_volumes()
         self.state.volumes = [{"title": node.GetName(), "value": node.GetID()} for node in nodes]
-        guesses = self.scene_logic.guess_channel_volumes(self.card.channels)
-        for index, guess in enumerate(guesses):
-            key = self._channel_key(index)
-            if (self.state[key] is None or self.scene.GetNodeByID(self.state[key]) is None) and guess is not None:
-                self.state[key] = guess.GetID()
-        first = next((self.scene.GetNodeByID(self.state[self._channel_key(i)]) for i in range(len(guesses))
-                      if self.state[self._channel_key(i)]), None)
-        names = [name.lower() for name in self.card.channels]
-        flair = self.state[self._channel_key(names.index("flair"))] if "flair" in names else None
-        background = self.scene.GetNodeByID(flair) if flair else first
-        if background is not None:
+        for index, guess in enumerate(self.scene_logic.guess_channel_volumes(self.card.channels, self._channel_nodes())):
+            self.state[self._channel_key(index)] = guess.GetID() if guess is not None else None
+        chosen = self._channel_nodes()
+        if any(node is not None for node in chosen):
+            background = background_volume(self.card, chosen) or next(node for node in chosen if node is not None)
             self.slicer.display_manager.show_volume_in_slice_background(background)
+            self._render_in_3d(background)
             self.slicer.display_manager.reset_views()
 
-    def _load_files(self, paths: List[Path]) -> List[str]:
-        """Loads files with Slicer's reader; returns the names that could not be read."""
+    def _render_in_3d(self, volume) -> None:
+        """Volume rendering of the shown study in the 3D view, so that the segmentation has the head around it."""
+        if volume is None or volume is self._rendered_volume:
+            return
+        rendering = self.slicer.volume_rendering
+        if self._rendered_volume is not None and rendering.has_vr_display_node(self._rendered_volume):
+            rendering.get_vr_display_node(self._rendered_volume).SetVisibility(False)
+        if rendering.has_vr_display_node(volume):
+            display = rendering.get_vr_display_node(volume)
+        else:
+            display = rendering.create_display_node(volume, VOLUME_RENDERING_PRESET)
+            opacity = display.GetVolumePropertyNode().GetScalarOpacity()
+            for index in range(opacity.GetSize()):
+                point = [0.0] * 4
+                opacity.GetNodeValue(index, point)
+                point[1] *= VOLUME_RENDERING_OPACITY
+                opacity.SetNodeValue(index, point)
+        display.SetVisibility(True)
+        self._rendered_volume = volume
+
+    def _load_files(self, files: List[tuple]) -> List[str]:
+        """Loads (path, display name) pairs with Slicer's reader; returns what could not be read."""
         failed = []
-        for path in paths:
-            if not path.name.lower().endswith(IMAGE_SUFFIXES):
-                failed.append(f"{path.name} (not a NIfTI or NRRD file)")
-                continue
+        for path, name in files:
             nodes = self.slicer.io_manager.load_volumes(str(path))
             if not nodes:
-                failed.append(f"{path.name} (unreadable as an image volume)")
+                failed.append(f"{name} (unreadable as an image volume)")
             for node in nodes:
-                node.SetName(volume_name(path))
+                node.SetName(name)
         self._refresh_volumes()
         return failed
 
     def load_sample(self) -> None:
         self.state.error_msg = ""
-        failed = self._load_files(resources.sample_channels())
+        paths = resources.sample_channels()
+        failed = self._load_files([(path, volume_name(path.name, path.name)) for path in paths])
         if failed:
             self.state.error_msg = "Cannot load the sample: " + "; ".join(failed)
         else:
             self.state.status = "Sample study loaded: check the channel volumes, then Detect anomalies."
 
     def upload(self, files) -> None:
+        """Loads uploaded volumes. Files are stored under neutral names, so that no patient's
+        file name reaches a log; the volume keeps the uploaded name for the user."""
         if not files:
             return
         self.state.error_msg = ""
+        failed = []
         with tempfile.TemporaryDirectory() as folder:
-            paths = []
-            for entry in files:
-                upload = ClientFile(entry)
-                path = Path(folder) / Path(upload.name or "upload").name
-                path.write_bytes(upload.content or b"")
-                paths.append(path)
-            failed = self._load_files(paths)
+            readable = []
+            for index, entry in enumerate(files):
+                try:
+                    upload = ClientFile(entry)
+                    name = volume_name(upload.name, f"upload {index + 1}")
+                    suffix = image_suffix(upload.name or "")
+                    if not suffix:
+                        failed.append(f"{name} (not a NIfTI .nii/.nii.gz, NRRD .nrrd or .mha file)")
+                        continue
+                    path = Path(folder) / f"upload-{index}{suffix}"
+                    path.write_bytes(upload.content or b"")
+                    readable.append((path, name))
+                except Exception:  # a malformed upload message must not end the session
+                    failed.append(f"file {index + 1} (the upload could not be received)")
+            unreadable = self._load_files(readable)
+            failed += unreadable
+            loaded = len(readable) - len(unreadable)
         if failed:
-            self.state.error_msg = "Not loaded: " + "; ".join(failed) + ". Upload .nii, .nii.gz or .nrrd volumes."
-        loaded = len(paths) - len(failed)
+            self.state.error_msg = "Not loaded: " + "; ".join(failed) + ". Upload .nii, .nii.gz, .nrrd or .mha volumes."
         if loaded:
             self.state.status = f"Loaded {loaded} volume(s)."
 
     # -- detection ----------------------------------------------------------------------------
 
-    def _settings(self) -> DetectionSettings:
+    def settings(self) -> DetectionSettings:
+        """The panel's settings; raises ``ValueError`` with the allowed range for a bad entry."""
+        threshold = OTSU if self.state.use_otsu else parse_threshold(self.state.threshold)
         return DetectionSettings(
-            noise_level=float(self.state.noise_level),
-            guidance_scale=float(self.state.guidance_scale),
-            steps=int(self.state.steps),
-            threshold="otsu" if self.state.use_otsu else float(self.state.threshold),
-        )
-
-    def _channel_nodes(self) -> list:
-        ids = [self.state[self._channel_key(i)] for i in range(len(self.card.channels))]
-        return [self.scene.GetNodeByID(node_id) if node_id else None for node_id in ids]
+            noise_level=number_from_text("noise_level", self.state.noise_level),
+            guidance_scale=number_from_text("guidance_scale", self.state.guidance_scale),
+            steps=number_from_text("steps", self.state.steps),
+            threshold=threshold,
+        ).resolve(self.card)
 
     def detect_or_cancel(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self.run.running:
+            self.run.cancel()
             return
         self._start(preview=False)
 
@@ -242,90 +329,119 @@ class AnomalyWebApp(TrameApp):
 
     def _start(self, preview: bool) -> None:
         self.state.error_msg = ""
+        full = self.run.full
+        targets = (full.map_node, full.segmentation_node) if full is not None and self.scene.GetNodeByID(full.map_node.GetID()) else (None, None)
         try:
-            self._pending = self.scene_logic.request(self.model, self._channel_nodes(), self._settings(),
-                                                     self._red_slice_centre() if preview else None)
-        except Exception as error:
+            notes = self.run.start(self.model, self._channel_nodes(), self.settings(),
+                                   self._red_slice_centre() if preview else None, *targets)
+        except (ValueError, RuntimeError) as error:
             self.state.error_msg = str(error)
             return
-        self._job = ThreadJob(self._pending.request)
         self.state.running = True
         self.state.progress = 0
         self.state.progress_text = "starting..."
-        self.state.status = "Previewing the red slice..." if preview else "Detecting anomalies..."
-        self._task = asynchronous.create_task(self._follow_job())
+        self.state.status = " ".join(notes + ["Previewing the red slice..." if preview else "Detecting anomalies..."])
+        asynchronous.create_task(self._follow_run())
 
-    async def _follow_job(self) -> None:
-        job, pending = self._job, self._pending
-        while job.status().state == RUNNING:
-            status = job.status()
+    async def _follow_run(self) -> None:
+        while True:
+            status = self.run.status()
+            if status is None or status.state != RUNNING:
+                break
             with self.state:
                 self.state.progress = round(100 * status.fraction)
                 remaining = status.remaining
                 self.state.progress_text = f"{status.elapsed:.0f} s; about {remaining:.0f} s left" if remaining is not None else "loading the model..."
             await asyncio.sleep(POLL_SECONDS)
-        status = job.status()
         with self.state:
-            self._job = self._pending = None
             self.state.running = False
-            if status.state == DONE:
-                self._show(pending, job.result())
-            elif status.state == "cancelled":
-                self.state.status = "Cancelled; nothing was changed."
-            else:
-                self.state.error_msg = f"Detection failed: {status.message}"
+            try:
+                result = self.run.finish()
+            except Exception as error:
+                self.state.error_msg = f"Detection failed: {error}"
                 self.state.status = "Detection failed; nothing was changed."
+                return
+            if result is None:
+                self.state.status = "Cancelled; nothing was changed."
+                return
+            self._show(result)
 
-    def _show(self, pending, result) -> None:
-        try:
-            outputs = self.scene_logic.apply(pending, result, self.map_node, self.segmentation_node)
-        except Exception as error:
-            self.state.error_msg = f"Could not show the result: {error}"
-            return
-        self.map_node, self.segmentation_node = outputs.map_node, outputs.segmentation_node
-        self.segmentation_node.CreateClosedSurfaceRepresentation()
+    def _show(self, result) -> None:
+        result.segmentation_node.CreateClosedSurfaceRepresentation()
+        self.state.legend_max = float(result.map_node.GetDisplayNode().GetWindowLevelMax())
         self.state.overlay_shown = True
         self.state.segmentation_shown = True
-        self.state.anomaly_voxels = outputs.anomaly_voxels
-        self.state.status = " ".join(outputs.messages + [f"Done: {outputs.summary()}."])
+        self.state.anomaly_voxels = result.anomaly_voxels
+        self.state.status = " ".join(result.messages + [f"Done: {result.summary()}."])
+        self._schedule_render()
+
+    def _schedule_render(self) -> None:
         for view in self.slicer.view_manager.get_views():
             view.schedule_render()
 
     @change("threshold", "use_otsu")
     def _rethreshold(self, **_) -> None:
-        if self.map_node is None or self._job is not None:
+        """Moves the map's transparent floor at once; re-cuts the segmentation once the slider rests."""
+        latest = self.run.latest
+        if latest is None or self.run.running:
             return
-        try:
-            voxels, value = self.scene_logic.rethreshold(self.map_node, self.segmentation_node,
-                                                         "otsu" if self.state.use_otsu else float(self.state.threshold))
-        except Exception as error:
-            self.state.error_msg = str(error)
-            return
-        self.segmentation_node.CreateClosedSurfaceRepresentation()
-        self.state.anomaly_voxels = voxels
-        self.state.status = f"{voxels} voxels above {value:.3g}."
+        if not self.state.use_otsu:
+            try:
+                AnomalySceneLogic.show_threshold(latest.map_node, float(parse_threshold(self.state.threshold)))
+            except ValueError as error:
+                self.state.error_msg = str(error)
+                return
+            self._schedule_render()
+        if self._recut is not None:
+            self._recut.cancel()
+        self._recut = asynchronous.create_task(self._recut_later())
+
+    async def _recut_later(self) -> None:
+        await asyncio.sleep(RETHRESHOLD_DELAY_SECONDS)
+        with self.state:
+            try:
+                threshold = OTSU if self.state.use_otsu else self.settings().threshold
+                voxels, value = self.run.rethreshold(threshold)
+            except ValueError as error:
+                self.state.error_msg = str(error)
+                return
+            self.run.latest.segmentation_node.CreateClosedSurfaceRepresentation()
+            self.state.anomaly_voxels = voxels
+            self.state.status = f"{voxels} voxels above {value:.3g}."
+            self._schedule_render()
 
     # -- scene state for monitoring and tests ---------------------------------------------------
 
     def scene_status(self) -> dict:
         red = self.slicer.view_manager.get_view("Red")
         foreground = red.get_foreground_volume_id()
-        segmentation = self.segmentation_node
-        display = segmentation.GetDisplayNode() if segmentation is not None else None
+        latest, full = self.run.latest, self.run.full
+        display = latest.segmentation_node.GetDisplayNode() if latest is not None else None
+        full_map = slicer.util.arrayFromVolume(full.map_node) if full is not None else None
+        threed = self.slicer.view_manager.get_view("ThreeD")
+        rendering = self.slicer.volume_rendering
         return {
             "volumes": [node.GetName() for node in self.scene_logic.input_volumes()],
             "background": red.get_background_volume_id(),
-            "overlay_shown": bool(self.map_node is not None and foreground == self.map_node.GetID()),
+            "overlay_shown": bool(latest is not None and foreground == latest.map_node.GetID()),
+            "overlay_is_preview": bool(latest is not None and latest.is_preview),
             "overlay_opacity": red.get_foreground_opacity(),
             "segmentation_shown": bool(display is not None and display.GetVisibility()),
-            "segments": segmentation.GetSegmentation().GetNumberOfSegments() if segmentation is not None else 0,
+            "segments": latest.segmentation_node.GetSegmentation().GetNumberOfSegments() if latest is not None else 0,
             "anomaly_voxels": self.state.anomaly_voxels,
+            "full_result_slices_with_map": int((full_map.reshape(full_map.shape[0], -1) > 0).any(axis=1).sum()) if full_map is not None else 0,
+            "volume_rendering_in_3d": bool(threed is not None and self._rendered_volume is not None
+                                           and rendering.get_vr_display_node(self._rendered_volume).GetVisibility()),
             "running": bool(self.state.running),
             "status": self.state.status,
             "error": self.state.error_msg,
         }
 
     def _add_routes(self, wslink_server) -> None:
+        if self.secret:
+            # Registered before the server starts, so it guards every route, the WebSocket included.
+            wslink_server.app.middlewares.append(require_secret(self.secret))
+
         async def status(_request):
             return web.json_response(self.scene_status())
 
@@ -333,13 +449,13 @@ class AnomalyWebApp(TrameApp):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m DiffusionAnomalyWeb.app --port P --server [--model PATH]``: one session."""
+    """``python -m DiffusionAnomalyWeb.app --port P --server [--model PATH]``: one session (started by ``sessions.py``)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default=None)
     parser.add_argument("--timeout", type=int, default=0)
     args, _ = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    app = AnomalyWebApp(model=args.model)
+    app = AnomalyWebApp(model=args.model, secret=os.environ.pop(SECRET_ENVIRONMENT, None))
     app.server.start(timeout=args.timeout)
 
 

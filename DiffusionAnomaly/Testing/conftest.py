@@ -12,7 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from DiffusionAnomalyLib.bundle import save_bundle
-from DiffusionAnomalyLib.config import InferenceDefaults, ModelCard, NetworkConfig
+from DiffusionAnomalyLib.config import ModelCard, NetworkConfig
+from DiffusionAnomalyLib.settings import CARD_DEFAULTS, DetectionSettings
 from DiffusionAnomalyLib.networks import build_classifier, build_unet
 from DiffusionAnomalyLib.translation import alphas_cumprod
 from DiffusionAnomalyLib.config import ScheduleConfig
@@ -60,7 +61,7 @@ def tiny_card(channels: Sequence[str] = ("T1", "FLAIR"), image_size: int = 16, *
         image_size=(image_size, image_size),
         unet=NetworkConfig(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, num_head_channels=8, norm_num_groups=8),
         classifier=NetworkConfig(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=8, norm_num_groups=8),
-        defaults=InferenceDefaults(**{"steps": 3, "guidance_scale": 1.0, "noise_level": 0.2, **defaults}),
+        defaults=DetectionSettings(**{**CARD_DEFAULTS.to_dict(), "steps": 4, "guidance_scale": 1.0, "noise_level": 0.2, **defaults}),
         name="tiny-test",
     )
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionAnomalyLib.bundle import BundleError, load_bundle, save_bundle
+from DiffusionAnomalyLib.bundle import load_bundle, save_bundle
+from DiffusionAnomalyLib.cards import BundleError
 from DiffusionAnomalyLib.cli import main
 from DiffusionAnomalyLib.detector import AnomalyDetector
 from DiffusionAnomalyLib.networks import build_unet
@@ -125,14 +126,14 @@ def test_unknown_card_fields_and_versions_are_reported(tiny_bundle):
 
 
 def test_card_updates_cannot_change_the_architecture(tiny_bundle):
-    from DiffusionAnomalyLib.bundle import load_card, update_card
+    from DiffusionAnomalyLib.cards import load_card, update_card
 
     card = load_card(tiny_bundle)
     card.image_size = (32, 32)
     with pytest.raises(ValueError, match="image_size.*retraining"):
         update_card(tiny_bundle, card)
     card = load_card(tiny_bundle)
-    card.defaults.steps = 7
+    card.defaults = card.defaults.replace(steps=7)
     update_card(tiny_bundle, card)
     assert load_bundle(tiny_bundle).card.defaults.steps == 7, "the weights still verify after a card update"
 

@@ -44,7 +44,7 @@ def test_a_modified_sample_is_refused(tmp_path, monkeypatch):
 
 def test_demo_writes_outputs_figure_and_scores(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "sample study: Dice" in printed and "AUROC" in printed
     for name in ("anomaly_map.nii.gz", "anomaly_mask.nii.gz", "healthy_FLAIR.nii.gz", "demo.png"):
@@ -52,7 +52,7 @@ def test_demo_writes_outputs_figure_and_scores(tmp_path, capsys):
     reference = sitk.ReadImage(str(resources.sample_channels()[3]))
     anomaly = sitk.ReadImage(str(out / "anomaly_map.nii.gz"))
     assert anomaly.GetSize() == reference.GetSize() and anomaly.GetDirection() == reference.GetDirection()
-    # Even at 3 steps the map is brighter inside the tumour than in the rest of the brain.
+    # Even at 4 steps the map is brighter inside the tumour than in the rest of the brain.
     values = sitk.GetArrayFromImage(anomaly)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask()))) > 0
     brain = sitk.GetArrayFromImage(reference) > 0

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from DiffusionAnomalyLib.detector import AnomalyDetector, threshold_map
 from DiffusionAnomalyLib.imageio import Geometry
 from DiffusionAnomalyLib.preprocessing import Orientation
+from DiffusionAnomalyLib.settings import DetectionSettings
 from DiffusionAnomalyLib.translation import TranslationCancelled
 
 from conftest import AnalyticGaussians, brain_phantom, oblique_direction, tiny_card
@@ -80,7 +81,7 @@ def test_numpy_inputs_with_a_geometry_and_real_networks(tiny_bundle):
     detector = AnomalyDetector.from_bundle(tiny_bundle, device="cpu")
     arrays, _ = brain_phantom()
     geometry = Geometry(spacing=(1.0, 1.0, 3.0), origin=(1.0, 2.0, 3.0), direction=oblique_direction())
-    result = detector.detect(list(arrays), geometry, batch_size=4)
+    result = detector.detect(list(arrays), geometry, DetectionSettings(batch_size=4))
     assert result.geometry == geometry
     assert result.anomaly_map.dtype == np.float32 and np.isfinite(result.anomaly_map).all()
     assert result.mask.dtype == np.uint8 and set(np.unique(result.mask)) <= {0, 1}
@@ -114,7 +115,7 @@ def test_progress_covers_all_batches_and_cancel_leaves_no_result(tiny_bundle):
     detector = AnomalyDetector.from_bundle(tiny_bundle, device="cpu")
     arrays, _ = brain_phantom()
     seen = []
-    detector.detect(list(arrays), batch_size=3, steps=2, progress=lambda d, t: seen.append((d, t)))
+    detector.detect(list(arrays), settings=DetectionSettings(batch_size=3, steps=4), progress=lambda d, t: seen.append((d, t)))
     totals = {t for _, t in seen}
     assert len(totals) == 1 and seen[-1][0] == seen[-1][1]
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -125,18 +126,18 @@ def test_progress_covers_all_batches_and_cancel_leaves_no_result(tiny_bundle):
 def test_map_smoothing_keeps_the_lesion_and_damps_isolated_pixels():
     arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
     detector = analytic_detector()
-    raw = detector.detect(list(arrays), map_smoothing=0.0)
-    smooth = detector.detect(list(arrays), map_smoothing=1.0)
+    raw = detector.detect(list(arrays), settings=DetectionSettings(map_smoothing=0.0))
+    smooth = detector.detect(list(arrays), settings=DetectionSettings(map_smoothing=1.0))
     brain = arrays[0] > 0
     assert smooth.anomaly_map[lesion].mean() > 3 * smooth.anomaly_map[brain & ~lesion].mean()
     assert smooth.anomaly_map[lesion].mean() > 0.5 * raw.anomaly_map[lesion].mean(), "smoothing keeps most of the lesion's signal"
     healthy, _ = brain_phantom(shape=(14, 22, 20))
     inside = healthy[0] > 0
-    noisy = detector.detect(list(healthy), map_smoothing=0.0).anomaly_map[inside]
-    smoothed = detector.detect(list(healthy), map_smoothing=1.0).anomaly_map[inside]
+    noisy = detector.detect(list(healthy), settings=DetectionSettings(map_smoothing=0.0)).anomaly_map[inside]
+    smoothed = detector.detect(list(healthy), settings=DetectionSettings(map_smoothing=1.0)).anomaly_map[inside]
     assert smoothed.std() < 0.8 * noisy.std() and smoothed.max() < noisy.max(), "pixel noise of healthy tissue is damped"
-    with pytest.raises(ValueError, match="map_smoothing"):
-        detector.detect(list(arrays), map_smoothing=-1.0)
+    with pytest.raises(ValueError, match="map smoothing must be a number from 0 to 10"):
+        detector.detect(list(arrays), settings=DetectionSettings(map_smoothing=-1.0))
 
 
 def test_threshold_choices_and_small_component_removal():

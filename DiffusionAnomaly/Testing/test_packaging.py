@@ -58,16 +58,23 @@ def _imported_roots(path: Path) -> set:
     return roots
 
 
-def test_engine_imports_neither_slicer_nor_qt():
+def test_engine_imports_neither_slicer_nor_qt_nor_the_layers_above_it():
     for path in ENGINE.glob("*.py"):
-        forbidden = _imported_roots(path) & {"slicer", "qt", "ctk", "vtk", "PythonQt", "DiffusionAnomalyScene"}
+        forbidden = _imported_roots(path) & {"slicer", "qt", "ctk", "vtk", "PythonQt", "DiffusionAnomalyScene", "DiffusionAnomalyWeb", "trame", "trame_slicer"}
         assert not forbidden, f"{path.name} imports {forbidden}"
 
 
-def test_scene_logic_imports_no_qt():
+def test_scene_logic_imports_neither_qt_nor_a_front_end():
     for path in SCENE.glob("*.py"):
-        forbidden = _imported_roots(path) & {"qt", "ctk", "PythonQt", "PySide6", "PyQt5", "DiffusionAnomaly"}
+        forbidden = _imported_roots(path) & {"qt", "ctk", "PythonQt", "PySide6", "PyQt5", "DiffusionAnomaly", "DiffusionAnomalyWeb", "trame", "trame_slicer"}
         assert not forbidden, f"{path.name} imports {forbidden}"
+
+
+def test_the_engine_command_line_has_no_web_command():
+    from DiffusionAnomalyLib.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "web" not in commands and {"detect", "demo", "evaluate"} <= set(commands)
 
 
 def test_module_logic_class_uses_no_qt():

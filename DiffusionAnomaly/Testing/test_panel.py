@@ -128,3 +128,39 @@ def test_the_panel_loads_with_qt_and_finds_every_widget():
     assert panel.findChild(QtWidgets.QPushButton, "detectButton").text() == "Detect anomalies"
     panel.deleteLater()
     app.processEvents()
+
+
+# Parameter -> the engine's setting it becomes (DiffusionAnomalyLogic.settings).
+ENGINE_NAMES = {"noiseLevel": "noise_level", "guidanceScale": "guidance_scale", "steps": "steps", "batchSize": "batch_size"}
+
+
+def _parameter_ranges() -> dict:
+    tree = ast.parse(MODULE_FILE.read_text())
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DiffusionAnomalyParameterNode")
+    ranges = {}
+    for statement in wrapper.body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.annotation, ast.Subscript):
+            for call in ast.walk(statement.annotation):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "WithinRange":
+                    ranges[statement.target.id] = tuple(ast.literal_eval(arg) for arg in call.args)
+    return ranges
+
+
+def _number_property(widget, name: str) -> float:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            return float(prop[0].text)
+    raise AssertionError(f"{widget.get('name')} has no {name}")
+
+
+def test_panel_ranges_are_the_engines_so_no_value_the_engine_refuses_can_be_chosen():
+    from DiffusionAnomalyLib.settings import RANGES
+
+    ranges = _parameter_ranges()
+    widgets = {_string_property(w, "SlicerParameterName"): w for w in _widgets().values() if _string_property(w, "SlicerParameterName")}
+    for parameter, setting in ENGINE_NAMES.items():
+        assert ranges[parameter] == RANGES[setting], f"{parameter}: the parameter node allows {ranges[parameter]}, the engine {RANGES[setting]}"
+        low, high = _number_property(widgets[parameter], "minimum"), _number_property(widgets[parameter], "maximum")
+        assert RANGES[setting][0] <= low <= high <= RANGES[setting][1], f"{parameter}'s widget offers {low}..{high}"
+    low, high = ranges["threshold"]
+    assert low > 0 and high == 4, "a fixed threshold is above 0 and at most the channel count (the panel takes 4 channels)"

@@ -68,7 +68,7 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     code = main(
         ["detect", str(study / "case02_t1.nii.gz"), str(study / "case02_flair.nii.gz"), "--model", str(model),
          "--output-map", str(outputs["map"]), "--output-mask", str(outputs["mask"]), "--output-healthy", str(outputs["healthy"]),
-         "--steps", "2", "--noise-level", "0.1", "--threshold", "otsu"]
+         "--steps", "4", "--noise-level", "0.1", "--threshold", "otsu"]
     )
     assert code == 0
     assert "done in" in capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
         assert written.GetOrigin() == reference.GetOrigin() and written.GetSpacing() == reference.GetSpacing()
 
     report_path = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "2", "--noise-level", "0.1"]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "4", "--noise-level", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "pooled" in printed and "slice-level classifier AUROC" in printed
     report = json.loads(report_path.read_text())
@@ -89,7 +89,7 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     assert report["subjects"][0]["dice"] is None and report["subjects"][0]["healthy_slice_fp_percent"] >= 0
 
     # A quick sweep: every second slice, more thresholds scored from the same maps.
-    assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "1",
+    assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "4",
                  "--noise-level", "0.1", "--slice-step", "2", "--also-thresholds", "otsu,0.05,1000", "--record", "quick"]) == 0
     sweep = json.loads(report_path.read_text())
     assert sweep["settings"]["slice_step"] == 2
@@ -98,9 +98,9 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     assert sweep["thresholds"]["1000.0"]["healthy_subjects_fp_percent"] == 0.0
     assert load_bundle(model).card.metrics["quick"]["settings"]["slice_step"] == 2
 
-    assert main(["set-defaults", str(model), "--steps", "2", "--threshold", "0.3", "--description", "tiny test model"]) == 0
+    assert main(["set-defaults", str(model), "--steps", "4", "--threshold", "0.3", "--description", "tiny test model"]) == 0
     card = load_bundle(model).card
-    assert (card.defaults.steps, card.defaults.threshold, card.description) == (2, 0.3, "tiny test model")
+    assert (card.defaults.steps, card.defaults.threshold, card.description) == (4, 0.3, "tiny test model")
     capsys.readouterr()
 
     assert main(["info", str(model)]) == 0

@@ -12,10 +12,12 @@ slicer = pytest.importorskip("slicer", reason="the scene logic needs slicer-core
 vtk = pytest.importorskip("vtk")
 
 from DiffusionAnomalyLib import resources  # noqa: E402
-from DiffusionAnomalyLib.bundle import WEIGHTS_FILE  # noqa: E402
-from DiffusionAnomalyLib.jobs import ProcessJob, ThreadJob  # noqa: E402
+from DiffusionAnomalyLib.cards import WEIGHTS_FILE  # noqa: E402
+from DiffusionAnomalyLib.jobs import ThreadJob  # noqa: E402
+from DiffusionAnomalyLib.process_job import ProcessJob  # noqa: E402
+from DiffusionAnomalyLib.settings import DetectionSettings  # noqa: E402
 from DiffusionAnomalyScene import outputs  # noqa: E402
-from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionSettings, prepare_scene  # noqa: E402
+from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun, prepare_scene  # noqa: E402
 from DiffusionAnomalyScene.volumes import axial_slice_at, channel_inputs, guess_channel_volumes, load_volume  # noqa: E402
 
 from conftest import brain_phantom, oblique_direction, write_image  # noqa: E402
@@ -38,6 +40,13 @@ def _study(tmp_path: Path, scene, direction=None, lesion_centre=(6, 10, 9)):
         path = write_image(array, tmp_path / f"case_{name}.nii.gz", spacing=(0.9, 1.1, 2.0), direction=direction)
         nodes.append(load_volume(scene, path))
     return nodes, lesion
+
+
+def detect(logic, model, nodes, settings=None, preview_ras=None, map_node=None, segmentation_node=None):
+    """A detection run to the end on a thread, as a script would do it."""
+    run = DetectionRun(logic)
+    run.start(str(model), nodes, settings, preview_ras, map_node, segmentation_node)
+    return run.wait(300)
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -69,7 +78,7 @@ def test_detection_writes_map_and_segmentation_on_the_oblique_input_grid(scene, 
     nodes, _ = _study(tmp_path, scene, direction=oblique_direction())
     logic = AnomalySceneLogic(scene)
 
-    result = logic.detect(str(tiny_bundle), nodes, DetectionSettings(steps=2, threshold=0.05))
+    result = detect(logic, tiny_bundle, nodes, DetectionSettings(steps=4, threshold=0.05))
 
     map_node, segmentation_node = result.map_node, result.segmentation_node
     assert np.allclose(_ijk_to_ras(map_node), _ijk_to_ras(nodes[0]), atol=1e-6)
@@ -84,7 +93,7 @@ def test_detection_writes_map_and_segmentation_on_the_oblique_input_grid(scene, 
 
 def test_map_display_is_a_fixed_heat_window_with_a_transparent_floor_shown_over_flair(scene, tmp_path, tiny_bundle):
     nodes, _ = _study(tmp_path, scene)
-    result = AnomalySceneLogic(scene).detect(str(tiny_bundle), nodes, DetectionSettings(steps=2, threshold=0.05))
+    result = detect(AnomalySceneLogic(scene), tiny_bundle, nodes, DetectionSettings(steps=4, threshold=0.05))
 
     display = result.map_node.GetDisplayNode()
     assert scene.GetNodeByID(display.GetColorNodeID()).GetName() == "Inferno"
@@ -108,10 +117,10 @@ def test_map_display_is_a_fixed_heat_window_with_a_transparent_floor_shown_over_
 def test_rerunning_and_rethresholding_update_the_same_nodes(scene, tmp_path, tiny_bundle):
     nodes, _ = _study(tmp_path, scene)
     logic = AnomalySceneLogic(scene)
-    first = logic.detect(str(tiny_bundle), nodes, DetectionSettings(steps=2, threshold=0.05))
+    first = detect(logic, tiny_bundle, nodes, DetectionSettings(steps=4, threshold=0.05))
     count = scene.GetNumberOfNodes()
 
-    second = logic.detect(str(tiny_bundle), nodes, DetectionSettings(steps=2, threshold=0.05), map_node=first.map_node,
+    second = detect(logic, tiny_bundle, nodes, DetectionSettings(steps=4, threshold=0.05), map_node=first.map_node,
                           segmentation_node=first.segmentation_node)
     assert scene.GetNumberOfNodes() == count
     assert (second.map_node, second.segmentation_node) == (first.map_node, first.segmentation_node)
@@ -139,7 +148,7 @@ def test_results_go_under_the_inputs_study(scene, tmp_path, tiny_bundle):
     for node in nodes:
         hierarchy.CreateItem(study, node)
 
-    result = AnomalySceneLogic(scene).detect(str(tiny_bundle), nodes, DetectionSettings(steps=2))
+    result = detect(AnomalySceneLogic(scene), tiny_bundle, nodes, DetectionSettings(steps=4))
 
     for node in (result.map_node, result.segmentation_node):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
@@ -151,7 +160,7 @@ def test_the_map_lights_up_the_tumour_of_the_sample_study(scene):
     tumour_slice = int(np.argmax(truth.sum(axis=(1, 2))))  # the sample is axial: k is inferior→superior
     ras = _ijk_to_ras(nodes[0]) @ np.array([truth.shape[2] / 2, truth.shape[1] / 2, tumour_slice, 1.0])
 
-    result = AnomalySceneLogic(scene).detect(str(resources.default_model()), nodes, DetectionSettings(device="cpu"), preview_ras=ras[:3])
+    result = detect(AnomalySceneLogic(scene), resources.default_model(), nodes, DetectionSettings(device="cpu"), preview_ras=ras[:3])
 
     assert result.preview_slice == tumour_slice and result.slices_processed == 1
     anomaly_map = slicer.util.arrayFromVolume(result.map_node)
@@ -180,7 +189,7 @@ def test_cancelled_or_failed_detection_leaves_the_scene_unchanged(scene, tmp_pat
     logic = AnomalySceneLogic(scene)
     before = _node_ids(scene)
 
-    pending = logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=200))
+    pending = logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=400))
     job = ThreadJob(pending.request)
     job.cancel()
     assert job.wait(60).state == "cancelled"
@@ -188,7 +197,7 @@ def test_cancelled_or_failed_detection_leaves_the_scene_unchanged(scene, tmp_pat
         job.result()
     assert _node_ids(scene) == before
 
-    finished = ThreadJob(logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=2)).request)
+    finished = ThreadJob(logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=4)).request)
     result = finished.wait(60) and finished.result()
     result.mask = result.mask[:-1]  # a result that cannot be written
     with pytest.raises(ValueError, match="does not match volume"):
@@ -212,7 +221,7 @@ def test_a_damaged_model_fails_in_the_background_process_with_a_clear_message(sc
 
 def test_background_process_returns_the_same_result_as_a_thread(scene, tmp_path, tiny_bundle):
     nodes, _ = _study(tmp_path, scene)
-    pending = AnomalySceneLogic(scene).request(str(tiny_bundle), nodes, DetectionSettings(steps=2, device="cpu", threshold=0.05))
+    pending = AnomalySceneLogic(scene).request(str(tiny_bundle), nodes, DetectionSettings(steps=4, device="cpu", threshold=0.05))
     in_process = ThreadJob(pending.request)
     child = ProcessJob(pending.request)
     assert child.wait(120).state == "done", child.status().message
@@ -271,7 +280,7 @@ def test_channel_volumes_are_guessed_from_names(scene):
 def test_a_failure_while_writing_removes_the_nodes_it_created(scene, tmp_path, tiny_bundle, monkeypatch):
     nodes, _ = _study(tmp_path, scene)
     logic = AnomalySceneLogic(scene)
-    pending = logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=2))
+    pending = logic.request(str(tiny_bundle), nodes, DetectionSettings(steps=4))
     job = ThreadJob(pending.request)
     job.wait(60)
     before = _node_ids(scene)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -63,28 +64,45 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+PATIENT_NAME = "Jane-Doe-1961"
+
+
+class WebServer(str):
+    """The front server's address, with where its output and temporary files go."""
+
+    log_path: Path
+    temporary: Path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _require("trame-slicer", _installed("trame_slicer"))
     _require("playwright", _installed("playwright"))
     _require("Chromium", Path(CHROMIUM).exists())
     port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("web") / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "DiffusionAnomalyLib.cli", "web", "--port", str(port),
-                                    "--max-sessions", "3", "--idle-seconds", "4"],
-                                   stdout=log, stderr=subprocess.STDOUT)
+    base = WebServer(f"http://127.0.0.1:{port}")
+    base.log_path = tmp_path_factory.mktemp("web") / "server.log"
+    base.temporary = tmp_path_factory.mktemp("web-tmp")
+    environment = {**os.environ, "TMPDIR": str(base.temporary)}
+    with open(base.log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "DiffusionAnomalyWeb.cli", "--port", str(port), "--max-sessions", "3",
+                                    "--sessions-per-client", "2", "--idle-seconds", "4"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=environment)
     try:
         _wait_for(lambda: process.poll() is None and urllib.request.urlopen(f"{base}/healthz", timeout=2).status == 200, 60, "the web server")
         yield base
     finally:
         process.terminate()
         try:
-            process.wait(20)
+            process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
-        print(log_path.read_text(errors="replace")[-3000:])
+        output = base.log_path.read_text(errors="replace")
+        print(output[-3000:])
+    # Nothing of the sessions outlives the server: no log, no upload, no name of a patient.
+    assert PATIENT_NAME not in output
+    leftovers = [p for p in base.temporary.rglob("*")]
+    assert not leftovers, leftovers
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +116,35 @@ def browser(server):
 
 
 def _open(browser, base: str):
-    """A new browser context (its own cookies: another user) on the app."""
+    """A new browser context (its own cookies: another user) with a session started from the front page."""
     from playwright.sync_api import expect
 
     page = browser.new_context(viewport={"width": 1500, "height": 950}).new_page()
-    page.goto(base, timeout=180_000)
-    expect(page.locator("#load-sample")).to_be_visible(timeout=60_000)
+    page.goto(base, timeout=60_000)
+    page.click("#start-session")
+    expect(page.locator("#load-sample")).to_be_visible(timeout=180_000)
     return page
+
+
+def _health(base: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())
+
+
+def _session_ports() -> list:
+    """Loopback ports of the running session processes, from their command lines (Linux /proc)."""
+    ports = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "DiffusionAnomalyWeb.app" in arguments and "--port" in arguments:
+            ports.append(int(arguments[arguments.index("--port") + 1]))
+    return ports
+
+
+def _slider_text(page, name: str) -> str:
+    return page.locator(f"#{name}-value").text_content()
 
 
 def _status(page, base: str) -> dict:
@@ -124,6 +164,22 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     _wait_for(lambda: len(_status(page, server)["volumes"]) == 4, 30, "the sample's four volumes")
     for index, name in enumerate(("t1", "t1ce", "t2", "flair")):
         expect(page.locator(f"#channel-{index}").locator("xpath=ancestor::div[contains(@class,'v-select')]")).to_contain_text(f"synth-sample_{name}")
+    # Each slider says its value and unit without being dragged.
+    assert "Noise level L = 0.10 (100 of 1000 steps)" in _slider_text(page, "noise-level")
+    assert "Guidance scale s = 40" in _slider_text(page, "guidance-scale")
+    assert "map units" in _slider_text(page, "threshold")
+    # Both buttons fit in the panel.
+    drawer = page.locator("nav.v-navigation-drawer").bounding_box()
+    for button in ("#detect", "#preview"):
+        box = page.locator(button).bounding_box()
+        assert box["x"] >= drawer["x"] and box["x"] + box["width"] <= drawer["x"] + drawer["width"], button
+    # Settings typed in wrong are refused with the allowed range, not a Python message.
+    for typed, message in (("", "steps is empty: enter a whole number from 4 to 1000"), ("abc", "steps must be a whole number from 4 to 1000, got 'abc'"),
+                           ("2", "steps must be a whole number from 4 to 1000, got 2")):
+        page.locator("#steps").fill(typed)
+        page.click("#detect")
+        expect(page.locator("#error")).to_contain_text(message, timeout=10_000)
+        assert not _status(page, server)["running"]
     page.locator("#steps").fill("4")
 
     clicked = time.monotonic()
@@ -138,7 +194,12 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     assert status["overlay_opacity"] == pytest.approx(0.5)
     assert status["anomaly_voxels"] > 0 and not status["error"]
     assert status["background"], "the FLAIR is shown under the map"
+    expect(page.locator("#legend")).to_be_visible()
+    assert float(page.locator("#legend-max").text_content()) > 0, "the colour legend has numbers"
+    assert status["volume_rendering_in_3d"], "the 3D view shows the head around the segmentation"
     expect(page.locator("#status")).to_contain_text("Done: 106 slices")
+    full_slices = status["full_result_slices_with_map"]
+    assert full_slices > 50
     time.sleep(2)  # the views stream their last frames
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-detect.png"))
@@ -149,11 +210,13 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     slider.focus()
     slider.press("End")  # the threshold to its maximum: the segmentation is re-cut at once
     _wait_for(lambda: _status(page, server)["anomaly_voxels"] < before, 20, "the re-cut segmentation")
-    expect(page.locator("#status")).to_contain_text("voxels above 1")
+    expect(page.locator("#status")).to_contain_text("voxels above 4")
 
     page.click("#preview")
     expect(page.locator("#status")).to_contain_text("(preview)", timeout=60_000)
-    assert _status(page, server)["overlay_shown"]
+    status = _status(page, server)
+    assert status["overlay_shown"] and status["overlay_is_preview"]
+    assert status["full_result_slices_with_map"] == full_slices, "a preview never overwrites the full result"
 
     page.click("#detect")
     expect(page.locator("#detect")).to_contain_text("Cancel")
@@ -182,13 +245,15 @@ def test_bad_uploads_show_an_error_and_sessions_are_separate(server, browser, tm
     first.click("#load-sample")
     _wait_for(lambda: len(_status(first, server)["volumes"]) == 4, 30, "the sample in the first session")
 
-    not_an_image = tmp_path / "report.nii.gz"
+    not_an_image = tmp_path / f"{PATIENT_NAME}_report.nii.gz"
     not_an_image.write_text("a radiology report, not an image")
     second.locator("#upload").set_input_files(str(not_an_image))
-    expect(second.locator("#error")).to_contain_text("report.nii.gz (unreadable as an image volume)", timeout=30_000)
+    expect(second.locator("#error")).to_contain_text(f"{PATIENT_NAME}_report (unreadable as an image volume)", timeout=30_000)
     assert _status(second, server)["volumes"] == []
+    second.locator("#upload").set_input_files(files=[{"name": "..", "mimeType": "application/octet-stream", "buffer": b"x"}])
+    expect(second.locator("#error")).to_contain_text("(not a NIfTI", timeout=30_000)
 
-    second.locator("#upload").set_input_files(_write_study(tmp_path, "case2", shift_flair=True))
+    second.locator("#upload").set_input_files(_write_study(tmp_path, f"{PATIENT_NAME}_case2", shift_flair=True))
     _wait_for(lambda: len(_status(second, server)["volumes"]) == 4, 60, "the uploaded study")
     second.click("#detect")
     expect(second.locator("#error")).to_contain_text("do not show the same region", timeout=30_000)
@@ -199,8 +264,48 @@ def test_bad_uploads_show_an_error_and_sessions_are_separate(server, browser, tm
     _wait_for(lambda: len(_status(second, server)["volumes"]) == 8, 30, "the sample after the error")
 
     assert sorted(_status(first, server)["volumes"]) == sorted(f"synth-sample_{s}" for s in ("t1", "t1ce", "t2", "flair"))
-    assert not any(name.startswith("case2") for name in _status(first, server)["volumes"])
+    assert not any(PATIENT_NAME in name for name in _status(first, server)["volumes"])
     for page in (first, second):
         page.context.close()
-    health = lambda: json.loads(urllib.request.urlopen(f"{server}/healthz", timeout=5).read())  # noqa: E731
-    _wait_for(lambda: health()["sessions"] == 0, 60, "closed pages' sessions to stop")
+    _wait_for(lambda: _health(server)["sessions"] == 0, 60, "closed pages' sessions to stop")
+
+
+def test_sessions_start_only_on_request_and_answer_only_the_front_server(server):
+    import http.cookiejar
+
+    before = _health(server)["sessions"]
+    for _ in range(3):  # bare GETs (crawlers, stray requests) start nothing
+        page = urllib.request.urlopen(server, timeout=10).read().decode()
+        assert 'id="start-session"' in page
+    assert _health(server)["sessions"] == before
+
+    foreign = urllib.request.Request(f"{server}/session", data=b"", method="POST", headers={"Origin": "http://evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(foreign, timeout=10)
+    assert refused.value.code == 403
+
+    def start_session():
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        return opener, opener.open(urllib.request.Request(f"{server}/session", data=b"", method="POST"), timeout=240)
+
+    first, landed = start_session()
+    assert landed.status == 200 and _health(server)["sessions"] == before + 1
+    assert first.open(f"{server}/api/status", timeout=30).status == 200, "the front server forwards with the secret"
+    second, _ = start_session()
+    with pytest.raises(urllib.error.HTTPError) as limited:
+        start_session()
+    assert limited.value.code == 429 and "already has 2 session(s)" in limited.value.read().decode()
+    assert _health(server)["sessions"] == before + 2
+
+    ports = _session_ports()
+    assert len(ports) == before + 2
+    for port in ports:  # what anyone with a shell on the server could try
+        for headers in ({}, {"X-Diffusion-Anomaly-Session": "guess"}):
+            with pytest.raises(urllib.error.HTTPError) as direct:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers=headers), timeout=10)
+            assert direct.value.code == 403
+        with pytest.raises(urllib.error.HTTPError) as socket_refused:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/ws", headers={
+                "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}), timeout=10)
+        assert socket_refused.value.code == 403
+    _wait_for(lambda: _health(server)["sessions"] == before, 60, "unused sessions to stop")

@@ -1,0 +1,184 @@
+"""Detection settings: the one typed description of *how* to detect, from every front end to the detector.
+
+The CLI, the Slicer panel, the web page and scripts fill a :class:`DetectionSettings`
+(``None`` = "the model's default"); :meth:`DetectionSettings.resolve` fills the gaps from the
+model card once and range-checks every value, so a nonsense value is refused where it
+enters, with the allowed range in the message, before any work starts. The model card
+stores its measured defaults as a fully resolved instance of the same class.
+
+This module imports only the standard library: a front end can read and check settings
+before PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from .config import ModelCard
+
+Threshold = Union[str, float]
+OTSU = "otsu"
+THRESHOLD_MODES = (OTSU,)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Inclusive ranges of the numeric settings. Fewer than MIN_STEPS DDIM evaluations cannot
+# invert the encoding: the map then shows the reconstruction error of the whole brain.
+MIN_STEPS = 4
+RANGES: Dict[str, Tuple[float, float]] = {
+    "noise_level": (0.01, 1.0),
+    "guidance_scale": (0.0, 1000.0),
+    "steps": (MIN_STEPS, 1000),
+    "min_component_voxels": (0, 10_000_000),
+    "map_smoothing": (0.0, 10.0),
+    "batch_size": (1, 4096),
+}
+INTEGER_SETTINGS = ("steps", "min_component_voxels", "batch_size")
+LABELS = {
+    "noise_level": "noise level",
+    "guidance_scale": "guidance scale",
+    "steps": "steps",
+    "threshold": "threshold",
+    "min_component_voxels": "minimum component size (voxels)",
+    "map_smoothing": "map smoothing",
+    "batch_size": "batch size",
+    "precision": "precision",
+    "device": "device",
+}
+
+
+def parse_threshold(text: str) -> Threshold:
+    """``"otsu"`` (any case) or a number, from a command line or a text field."""
+    cleaned = str(text).strip().lower()
+    if cleaned in THRESHOLD_MODES:
+        return cleaned
+    try:
+        return float(cleaned)
+    except ValueError:
+        raise ValueError(f"threshold must be {' or '.join(repr(m) for m in THRESHOLD_MODES)} or a number, got {text!r}") from None
+
+
+def number_from_text(name: str, text: Any) -> Union[int, float]:
+    """A numeric setting typed into a field, with a message for an empty or non-numeric entry."""
+    low, high = RANGES[name]
+    kind = "a whole number" if name in INTEGER_SETTINGS else "a number"
+    cleaned = "" if text is None else str(text).strip()
+    if not cleaned:
+        raise ValueError(f"{LABELS[name]} is empty: enter {kind} from {low:g} to {high:g}")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        raise ValueError(f"{LABELS[name]} must be {kind} from {low:g} to {high:g}, got {cleaned!r}") from None
+    return int(value) if name in INTEGER_SETTINGS and value.is_integer() else value
+
+
+def _number(name: str, value: Any, integer: bool) -> Union[int, float]:
+    """A finite number (an integer where one is needed), with a message naming the setting."""
+    label = LABELS[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{label} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{label} must be a finite number, got {value!r}")
+    if integer:
+        if float(value) != int(value):
+            raise ValueError(f"{label} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _in_range(name: str, value: Union[int, float]) -> None:
+    low, high = RANGES[name]
+    if not low <= value <= high:
+        kind = "a whole number" if name in INTEGER_SETTINGS else "a number"
+        raise ValueError(f"{LABELS[name]} must be {kind} from {low:g} to {high:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """How to translate, map and segment one study; ``None`` means the model card's default.
+
+    Args:
+        noise_level: encoding depth L as a fraction of the training steps.
+        guidance_scale: s, how hard the classifier pulls toward healthy (0: plain reconstruction).
+        steps: DDIM network evaluations per direction.
+        threshold: ``"otsu"`` or a value of the anomaly map, which lies in [0, number of channels].
+        min_component_voxels: segmented components smaller than this are removed.
+        map_smoothing: Gaussian σ in model pixels applied to the map before thresholding.
+        batch_size: slices per network pass.
+        precision: autocast of the network passes: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
+    """
+
+    noise_level: Optional[float] = None
+    guidance_scale: Optional[float] = None
+    steps: Optional[int] = None
+    threshold: Optional[Threshold] = None
+    min_component_voxels: Optional[int] = None
+    map_smoothing: Optional[float] = None
+    batch_size: Optional[int] = None
+    precision: str = "auto"
+    device: str = "auto"
+
+    def replace(self, **changes: Any) -> "DetectionSettings":
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, card: "ModelCard") -> "DetectionSettings":
+        """Every ``None`` taken from the card's defaults, then each value range-checked.
+
+        The card's channel count bounds a fixed threshold. Resolving twice changes nothing.
+        Raises ``ValueError`` naming the first bad setting and its allowed range.
+        """
+        defaults = card.defaults
+        filled = {
+            f.name: getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+        missing = [name for name, value in filled.items() if value is None]
+        if missing:
+            raise ValueError(f"no value and no default for {', '.join(LABELS[m] for m in missing)}")
+        checked: Dict[str, Any] = {}
+        for name in RANGES:
+            checked[name] = _number(name, filled[name], name in INTEGER_SETTINGS)
+            _in_range(name, checked[name])
+        checked["threshold"] = _checked_threshold(filled["threshold"], len(card.channels))
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES)):
+            if filled[name] not in allowed:
+                raise ValueError(f"{LABELS[name]} must be one of {', '.join(allowed)}, got {filled[name]!r}")
+            checked[name] = filled[name]
+        return DetectionSettings(**checked)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "DetectionSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown detection setting(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
+def _checked_threshold(value: Any, channels: int) -> Threshold:
+    if isinstance(value, str):
+        value = parse_threshold(value)
+        if isinstance(value, str):
+            return value
+    number = _number("threshold", value, integer=False)
+    # The map is Σ over channels of |x − x̂| / 2 with x, x̂ in [−1, 1]: at most 1 per channel.
+    if not 0.0 < number <= channels:
+        raise ValueError(
+            f"threshold must be {' or '.join(repr(m) for m in THRESHOLD_MODES)} or a map value above 0 and at most "
+            f"{channels:g} (this model's {channels} channel(s)), got {number:g}"
+        )
+    return number
+
+
+CARD_DEFAULTS = DetectionSettings(
+    noise_level=0.5, guidance_scale=10.0, steps=25, threshold=OTSU, min_component_voxels=0, map_smoothing=0.0, batch_size=32
+)
