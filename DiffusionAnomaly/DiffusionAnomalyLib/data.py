@@ -35,16 +35,28 @@ HEALTHY, DISEASED = 0, 1
 
 @dataclass
 class Subject:
-    """One study: a file per channel (in the model's order) and an optional lesion mask."""
+    """One study: a file per channel (in the model's order) and an optional lesion mask.
+
+    ``healthy``: the same channels before the lesion was put in, where a synthetic dataset
+    has them (``*_healthy_<sequence>``), for measuring how well a translation heals.
+    ``brain_mask``: the true brain (``*_brainmask``) of a skull-on synthetic study.
+    """
 
     name: str
     channels: List[Path]
     mask: Optional[Path] = None
+    healthy: Optional[List[Path]] = None
+    brain_mask: Optional[Path] = None
 
 
-def _find_by_suffix(folder: Path, suffixes: Sequence[str]) -> Optional[Path]:
-    pattern = re.compile(r".*[_-](%s)\.(nii\.gz|nii|nrrd|mha|mhd)$" % "|".join(re.escape(s) for s in suffixes), re.IGNORECASE)
-    matches = sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
+# Files of a subject folder that are not acquisitions of the subject.
+_NOT_AN_ACQUISITION = re.compile(r"[_-](healthy)[_-]", re.IGNORECASE)
+
+
+def _find_by_suffix(folder: Path, suffixes: Sequence[str], prefix: str = "") -> Optional[Path]:
+    """The file ``*[_-]<prefix><suffix>.<image extension>``; without a prefix, derived files are left out."""
+    pattern = re.compile(r".*[_-]%s(%s)\.(nii\.gz|nii|nrrd|mha|mhd)$" % (re.escape(prefix), "|".join(re.escape(s) for s in suffixes)), re.IGNORECASE)
+    matches = sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name) and (prefix or not _NOT_AN_ACQUISITION.search(p.name)))
     return matches[0] if matches else None
 
 
@@ -63,7 +75,9 @@ def find_brats_subjects(root: Union[str, Path], channels: Sequence[str] = BRATS_
             continue  # not a subject folder
         if missing:
             raise ValueError(f"subject {folder.name} has no file for channel(s) {', '.join(missing)} in {folder}")
-        subjects.append(Subject(folder.name, files, _find_by_suffix(folder, MASK_SUFFIXES)))  # type: ignore[arg-type]
+        healthy = [_find_by_suffix(folder, BRATS_SUFFIXES[c], prefix="healthy_") for c in channels]
+        subjects.append(Subject(folder.name, files, _find_by_suffix(folder, MASK_SUFFIXES),  # type: ignore[arg-type]
+                                healthy if all(healthy) else None, _find_by_suffix(folder, ("brainmask",))))
     if not subjects:
         raise ValueError(f"no BraTS-layout subject folders in {root} (expected e.g. {root}/<subject>/<subject>_flair.nii.gz)")
     return subjects

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,8 +22,10 @@ from .bundle import ModelBundle, load_bundle
 from .config import ModelCard
 from .imageio import Geometry, check_same_grid
 from .networks import noise_predictor, time_classifier
-from .preprocessing import BACKGROUND, denormalise, otsu_threshold, prepare_volume
-from .settings import OTSU, DetectionSettings, Threshold
+from .brain import find_brain
+from .preprocessing import BACKGROUND, IntensityScale, denormalise, prepare_volume
+from .settings import DetectionSettings
+from .thresholds import HEALTHY_PROBABILITY, calibrated_threshold, threshold_map
 from .translation import TimeModel, ddim_timesteps, translate
 
 ChannelInput = Union[np.ndarray, sitk.Image]
@@ -56,27 +58,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 
-def threshold_map(anomaly_map: np.ndarray, foreground: np.ndarray, threshold: Threshold = "otsu", min_component_voxels: int = 0) -> Tuple[np.ndarray, float]:
-    """Segments an anomaly map: ``map > threshold`` inside the foreground.
-
-    ``threshold`` is ``"otsu"`` (Otsu's threshold of the map over the foreground, as in the
-    paper) or a value in map units. Connected components smaller than
-    ``min_component_voxels`` are removed. Returns the uint8 mask and the threshold used.
-    """
-    if isinstance(threshold, str):
-        if threshold != OTSU:
-            raise ValueError(f"threshold must be 'otsu' or a number, got {threshold!r}")
-        value = otsu_threshold(anomaly_map[foreground])
-    else:
-        value = float(threshold)
-    mask = ((anomaly_map > value) & foreground).astype(np.uint8)
-    if min_component_voxels > 1 and mask.any():
-        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask))
-        kept = sitk.RelabelComponent(components, minimumObjectSize=int(min_component_voxels))
-        mask = (sitk.GetArrayFromImage(kept) > 0).astype(np.uint8)
-    return mask, value
-
-
 @dataclass
 class DetectionResult:
     """Outputs on the input's voxel grid (numpy order (k, j, i); 2D inputs stay 2D).
@@ -86,10 +67,18 @@ class DetectionResult:
             foreground percentile range is 1), zero outside the foreground.
         mask: ``anomaly_map > threshold`` (uint8).
         healthy: the healthy translation per channel, in the input's intensity units.
-        foreground: the voxels the map was computed on (the foreground of the translated
+        foreground: the voxels the map was computed on (the brain in the translated
             slices), for re-thresholding.
         threshold: the threshold value that produced ``mask``.
+        calibrated_threshold: the threshold read off this scan's healthy-looking brain
+            (``thresholds.calibrated_threshold``), whatever threshold was asked for.
         settings: the resolved settings that produced this result.
+        brain_mask: the brain of the whole volume the detection used (uint8).
+        brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
+        slice_probabilities: per canonical axial slice (inferior to superior), the
+            classifier's p(diseased | x, t = 0); NaN for slices not analysed or without a classifier.
+        intensity_scale: per channel, the scanner intensities that became 0 and 1 (the map's
+            unit is that range), to compare images in the map's units.
     """
 
     anomaly_map: np.ndarray
@@ -97,7 +86,12 @@ class DetectionResult:
     healthy: List[np.ndarray]
     foreground: np.ndarray
     threshold: float
+    calibrated_threshold: float
     settings: DetectionSettings
+    brain_mask: np.ndarray
+    brain_source: str
+    slice_probabilities: np.ndarray
+    intensity_scale: IntensityScale
     geometry: Geometry
     slices_processed: int
     seconds: float
@@ -188,16 +182,19 @@ class AnomalyDetector:
         geometry: Optional[Geometry] = None,
         settings: Optional[DetectionSettings] = None,
         *,
+        brain_mask: Optional[np.ndarray] = None,
         axial_slices: Optional[Sequence[int]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         cancel: Optional[Callable[[], bool]] = None,
     ) -> DetectionResult:
-        """Runs the guided translation on every axial slice with foreground.
+        """Runs the guided translation on every axial slice of the brain.
 
         Args:
             channels: one volume per model channel, in the card's order: SimpleITK images,
                 or numpy arrays (k, j, i) whose grid is ``geometry``. A 2D image is one slice.
             settings: what to change from the card's defaults (see :class:`DetectionSettings`).
+            brain_mask: the brain as a (k, j, i) mask on the channels' grid, instead of
+                finding it as ``settings.brain_mask`` says.
             axial_slices: restrict the work to these canonical axial slice indices
                 (inferior to superior), e.g. to preview one slice; others get a zero map.
             progress: ``progress(done, total)`` over all network steps of all batches.
@@ -207,6 +204,10 @@ class AnomalyDetector:
         started = time.perf_counter()
         settings = (settings or DetectionSettings()).resolve(self.card)
         volume = self._check_inputs(channels, geometry)
+        given = None if brain_mask is None else np.asarray(brain_mask).reshape(volume.arrays.shape[1:])
+        # Brain extraction needs a volume: a single 2D slice is analysed over its non-zero pixels.
+        mode = "none" if volume.was_2d and given is None else settings.brain_mask
+        brain = find_brain(volume.arrays, volume.geometry.as_3d(), self.card.channels, mode, given)
         prepared = prepare_volume(
             volume.arrays,
             volume.geometry.as_3d().direction,
@@ -214,15 +215,25 @@ class AnomalyDetector:
             self.card.image_size,
             self.card.normalisation,
             axial_slices=axial_slices,
+            foreground=None if brain is None else brain.mask,
         )
         model_input, indices, frame = prepared.images, prepared.indices, prepared.frame
         canonical, foreground, orientation = prepared.canonical, prepared.foreground, prepared.orientation
-        translated = self._translate_in_batches(model_input, settings, progress, cancel)
+        # The map is taken at the model's resolution: the translation cannot restore detail
+        # finer than that, and comparing at full resolution would light up every edge. With
+        # several noise levels the maps are averaged; the healthy translation is the deepest one's.
+        levels = [settings.noise_level * (i + 1) / settings.map_levels for i in range(settings.map_levels)]
+        costs = [len(model_input) * self._steps_per_slice(level, settings.steps) for level in levels]
+        small_map = torch.zeros((len(model_input), 1) + tuple(model_input.shape[2:]))
+        for index, level in enumerate(levels):
+            def level_progress(done: int, _total: int, before: int = sum(costs[:index])) -> None:
+                if progress is not None:
+                    progress(before + done, sum(costs))
+
+            translated = self._translate_in_batches(model_input, settings.replace(noise_level=level), level_progress, cancel)
+            small_map += (model_input - translated).abs().sum(dim=1, keepdim=True) / (2.0 * len(levels))
 
         plane = canonical.shape[2:]
-        # The map is taken at the model's resolution: the translation cannot restore detail
-        # finer than that, and comparing at full resolution would light up every edge.
-        small_map = (model_input - translated).abs().sum(dim=1, keepdim=True) / 2.0
         if settings.map_smoothing > 0 and len(small_map):
             small_map = GaussianFilter(spatial_dims=2, sigma=settings.map_smoothing)(small_map)
         anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
@@ -235,7 +246,11 @@ class AnomalyDetector:
         analysed[indices] = foreground[indices]
         anomaly = np.clip(anomaly, 0.0, None) * analysed
         healthy = np.where(analysed, denormalise(healthy_model, prepared.scale), canonical)
-        mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels)
+        probabilities = np.full(canonical.shape[1], np.nan, dtype=np.float32)
+        probabilities[indices] = self.slice_probabilities(model_input)
+        healthy_slices = probabilities < HEALTHY_PROBABILITY if self.classifier is not None else None
+        calibrated = calibrated_threshold(anomaly, analysed, healthy_slices)
+        mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels, calibrated)
 
         def back(array: np.ndarray) -> np.ndarray:
             out = np.ascontiguousarray(orientation.from_canonical(array))
@@ -247,16 +262,35 @@ class AnomalyDetector:
             healthy=[back(channel).astype(np.float32) for channel in healthy],
             foreground=back(analysed),
             threshold=threshold_value,
+            calibrated_threshold=calibrated,
             settings=settings,
+            brain_mask=back(foreground).astype(np.uint8),
+            brain_source=brain.source if brain is not None else "non-zero voxels (skull-stripped input)",
+            slice_probabilities=probabilities,
+            intensity_scale=prepared.scale,
             geometry=volume.geometry,
             slices_processed=len(indices),
             seconds=time.perf_counter() - started,
         )
 
+    def slice_probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """p(diseased | x, t = 0) of (N, C, h, w) model images; NaN without a classifier."""
+        if self.classifier is None or len(images) == 0:
+            return np.full(len(images), np.nan, dtype=np.float32)
+        diseased = 1 - self.card.healthy_class
+        timestep = torch.zeros(len(images), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            logits = torch.cat([self.classifier(batch.to(self.device), timestep[: len(batch)]).float().cpu()
+                                for batch in images.split(self.card.defaults.batch_size)])
+        return torch.softmax(logits, dim=-1)[:, diseased].numpy().astype(np.float32)
+
+    def _steps_per_slice(self, noise_level: float, steps: int) -> int:
+        return 2 * (len(ddim_timesteps(noise_level, steps, self.card.schedule.num_train_timesteps)) - 1)
+
     def _translate_in_batches(self, images: torch.Tensor, settings: DetectionSettings, progress, cancel) -> torch.Tensor:
         """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory."""
         precision = resolve_precision(settings.precision, self.device)
-        steps_per_slice = 2 * (len(ddim_timesteps(settings.noise_level, settings.steps, self.card.schedule.num_train_timesteps)) - 1)
+        steps_per_slice = self._steps_per_slice(settings.noise_level, settings.steps)
         total = len(images) * steps_per_slice
         batch_size = settings.batch_size
         outputs: List[torch.Tensor] = []
@@ -276,6 +310,7 @@ class AnomalyDetector:
                     noise_level=settings.noise_level,
                     steps=settings.steps,
                     guidance_scale=settings.guidance_scale,
+                    guidance_schedule=settings.guidance_schedule,
                     healthy_class=self.card.healthy_class,
                     schedule=self.card.schedule,
                     precision=precision,

@@ -2,8 +2,11 @@
 
 Voxel metrics are computed inside each subject's foreground (the brain): Dice of the
 thresholded map against the whole lesion (mask > 0), pixel AUROC and AUPRC of the map,
-and the false-positive area on healthy slices (slices without any lesion voxel). The
-classifier is scored at the slice level (AUROC of p(diseased | x, t = 0)).
+and the false-positive area on healthy slices (slices without any lesion voxel). Where the
+data has each subject's image from before the lesion (synthetic data), the healing of the
+translation is measured too (``healing.py``), and every figure is broken down by lesion
+size. The classifier is scored at the slice level: AUROC of p(diseased | x_t, t) at several
+noise levels t, since its gradient at every t of the decoding does the healing.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .data import Subject, labelled_slices, read_subject
-from .detector import AnomalyDetector, threshold_map
+from .detector import AnomalyDetector
+from .thresholds import threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
+from .healing import by_size, healing_scores, size_group
 from .settings import DetectionSettings, Threshold
+from .translation import alphas_cumprod
 
 POOLED_VOXELS_PER_SUBJECT = 200_000
+CLASSIFIER_TIMESTEPS = (0, 100, 250, 500, 750)
 
 
 def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -47,14 +54,21 @@ def _healthy_slice_false_positive_percent(mask: np.ndarray, truth: np.ndarray, f
     return float(100.0 * (mask_c[healthy_slices] & fg_c[healthy_slices]).sum() / brain)
 
 
-def _slice_probabilities(detector: AnomalyDetector, images: torch.Tensor) -> np.ndarray:
+def _slice_probabilities(detector: AnomalyDetector, images: torch.Tensor, timestep: int, generator: torch.Generator) -> np.ndarray:
+    """p(diseased | x_t, t) of clean slices noised to ``timestep`` (x_t = √ᾱ_t x + √(1−ᾱ_t) ε)."""
     if detector.classifier is None:
         return np.full(len(images), np.nan)
     diseased = 1 - detector.card.healthy_class
+    alpha = alphas_cumprod(detector.card.schedule)[timestep]
+    noise = torch.randn(images.shape, generator=generator)
+    noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise if timestep > 0 else images
     with torch.no_grad():
-        x = images.to(detector.device)
-        logits = detector.classifier(x, torch.zeros(len(x), dtype=torch.long, device=detector.device))
-        return F.softmax(logits.float(), dim=-1)[:, diseased].cpu().numpy()
+        probabilities = []
+        for batch in noisy.split(64):
+            t = torch.full((len(batch),), timestep, dtype=torch.long, device=detector.device)
+            logits = detector.classifier(batch.to(detector.device), t)
+            probabilities.append(F.softmax(logits.float(), dim=-1)[:, diseased].cpu().numpy())
+        return np.concatenate(probabilities) if probabilities else np.zeros(0)
 
 
 def _evaluated_voxels(shape, direction, slice_step: int) -> Tuple[np.ndarray, List[int]]:
@@ -64,6 +78,18 @@ def _evaluated_voxels(shape, direction, slice_step: int) -> Tuple[np.ndarray, Li
     chosen = list(range(0, canonical.shape[0], slice_step))
     canonical[chosen] = True
     return orientation.from_canonical(canonical), chosen
+
+
+def _healing(subject: Subject, arrays: np.ndarray, result, truth: np.ndarray, analysed: np.ndarray, healthy_subject: bool,
+             channel_names) -> Dict[str, Optional[float]]:
+    """Healing measures where the true healthy image is known (a healthy subject is its own)."""
+    if subject.healthy is not None:
+        healthy_truth = read_subject(Subject(subject.name, subject.healthy), channel_names)[0]
+    elif healthy_subject:
+        healthy_truth = arrays
+    else:
+        return {}
+    return healing_scores(list(arrays), list(healthy_truth), result.healthy, result.intensity_scale, truth, analysed)
 
 
 class _ThresholdTally:
@@ -100,6 +126,7 @@ def evaluate_subjects(
     slice_step: int = 1,
     extra_thresholds: Sequence[Threshold] = (),
     settings: Optional[DetectionSettings] = None,
+    reconstruction_baseline: bool = False,
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, object]:
@@ -108,14 +135,18 @@ def evaluate_subjects(
     Args:
         slice_step: score every n-th axial slice only (1: all), for quick sweeps; only
             those slices are translated and counted.
-        extra_thresholds: more thresholds (``"otsu"`` or values) whose Dice and
+        extra_thresholds: more thresholds (``"calibrated"``, ``"otsu"`` or values) whose Dice and
             false positives are reported from the same maps, without recomputing them.
         settings: the detection settings (the card's defaults where ``None``).
+        reconstruction_baseline: also translate without guidance (a plain DDIM reconstruction),
+            whose error on healthy tissue is what the healing translation should stay near.
     """
     settings = (settings or DetectionSettings()).resolve(detector.card)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     rows: List[Dict[str, object]] = []
-    pooled_scores, pooled_truth, slice_probs, slice_labels = [], [], [], []
+    pooled_scores, pooled_truth, slice_labels = [], [], []
+    slice_probs: Dict[int, List[np.ndarray]] = {t: [] for t in CLASSIFIER_TIMESTEPS}
     tally = _ThresholdTally()
     extra = {str(t): _ThresholdTally() for t in extra_thresholds}
     for number, subject in enumerate(subjects, 1):
@@ -128,20 +159,30 @@ def evaluate_subjects(
         truth = lesion & evaluated
         foreground = result.foreground.astype(bool) & evaluated
         prediction = result.mask.astype(bool) & evaluated
+        lesion_ml = float(lesion.sum()) * float(np.prod(geometry.as_3d().spacing)) / 1000.0
         row: Dict[str, object] = {
             "subject": subject.name,
             "healthy": healthy_subject,
+            "lesion_ml": round(lesion_ml, 2),
+            "size_group": None if healthy_subject else size_group(lesion_ml),
             "lesion_voxels": int(truth.sum()),
             "dice": dice_score(prediction, truth) if truth.any() else None,
             **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
             "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, truth, foreground, geometry.direction),
             "threshold": result.threshold,
+            "calibrated_threshold": result.calibrated_threshold,
             "seconds": round(result.seconds, 2),
+            **_healing(subject, arrays, result, truth, foreground, healthy_subject, detector.card.channels),
         }
+        if reconstruction_baseline:
+            plain = detector.detect(list(arrays), geometry, settings.replace(guidance_scale=0.0), axial_slices=chosen if slice_step > 1 else None)
+            baseline = _healing(subject, arrays, plain, truth, foreground, healthy_subject, detector.card.channels)
+            row.update({f"reconstruction_{key}": value for key, value in baseline.items()})
         rows.append(row)
         tally.add(prediction, truth, foreground, healthy_subject)
         for threshold in extra_thresholds:
-            mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, settings.min_component_voxels)
+            mask, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), threshold, settings.min_component_voxels,
+                                    result.calibrated_threshold)
             extra[str(threshold)].add(mask.astype(bool) & evaluated, truth, foreground, healthy_subject)
         voxels = np.flatnonzero(foreground)
         if len(voxels) > POOLED_VOXELS_PER_SUBJECT:
@@ -149,30 +190,38 @@ def evaluate_subjects(
         pooled_scores.append(result.anomaly_map.ravel()[voxels])
         pooled_truth.append(truth.ravel()[voxels])
         slices = labelled_slices(arrays, geometry.direction, mask_array, detector.card)
-        slice_probs.append(_slice_probabilities(detector, slices.prepared.images))
+        for t in CLASSIFIER_TIMESTEPS:
+            slice_probs[t].append(_slice_probabilities(detector, slices.prepared.images, t, generator))
         slice_labels.append(slices.labels)
         if progress is not None:
             progress(number, len(subjects))
 
     def mean(key: str) -> Optional[float]:
-        values = [r[key] for r in rows if r[key] is not None]
+        values = [r[key] for r in rows if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    probabilities, labels = np.concatenate(slice_probs), np.concatenate(slice_labels)
-    slice_auroc = None
-    if labels.any() and not labels.all() and not np.isnan(probabilities).any():
-        slice_auroc = float(roc_auc_score(labels, probabilities))
+    labels = np.concatenate(slice_labels)
+    classifier_auroc = {}
+    for t, probabilities in slice_probs.items():
+        values = np.concatenate(probabilities)
+        usable = labels.any() and not labels.all() and not np.isnan(values).any()
+        classifier_auroc[str(t)] = float(roc_auc_score(labels, values)) if usable else None
     pooled = {
         "dice": tally.summary()["pooled_dice"],
         **ranking_scores(np.concatenate(pooled_scores), np.concatenate(pooled_truth)),
         "healthy_slice_fp_percent": mean("healthy_slice_fp_percent"),
-        "slice_auroc": slice_auroc,
+        "slice_auroc": classifier_auroc[str(CLASSIFIER_TIMESTEPS[0])],
     }
     healthy_rows = [r for r in rows if r["healthy"]]
+    healing_keys = ["lesion_error", "healthy_error", "contrast_removed"]
+    if reconstruction_baseline:
+        healing_keys += [f"reconstruction_{key}" for key in ("lesion_error", "healthy_error", "contrast_removed")]
     return {
         "subjects": rows,
-        "mean": {key: mean(key) for key in ("dice", "auroc", "auprc", "healthy_slice_fp_percent", "seconds")},
+        "mean": {key: mean(key) for key in ("dice", "auroc", "auprc", "healthy_slice_fp_percent", "seconds", *healing_keys)},
         "pooled": pooled,
+        "by_lesion_size": by_size(rows, ["dice", "auroc", "auprc", *healing_keys]),
+        "classifier_auroc_by_t": classifier_auroc,
         "healthy_subjects_fp_percent": tally.summary()["healthy_subjects_fp_percent"],
         "thresholds": {name: t.summary() for name, t in extra.items()},
         "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int(labels.sum())},
@@ -186,11 +235,11 @@ def format_report(report: Dict[str, object]) -> str:
     def cell(value, digits=3) -> str:
         return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
-    lines = [f"{'subject':<28} {'lesion':>8} {'dice':>6} {'auroc':>6} {'auprc':>6} {'fp%':>6} {'sec':>6}"]
+    lines = [f"{'subject':<28} {'ml':>6} {'dice':>6} {'auroc':>6} {'auprc':>6} {'fp%':>6} {'removed':>7} {'sec':>6}"]
     for row in report["subjects"]:  # type: ignore[union-attr]
         lines.append(
-            f"{row['subject']:<28} {row['lesion_voxels']:>8} {cell(row['dice']):>6} {cell(row['auroc']):>6} "
-            f"{cell(row['auprc']):>6} {cell(row['healthy_slice_fp_percent'], 2):>6} {cell(row['seconds'], 1):>6}"
+            f"{row['subject']:<28} {cell(row['lesion_ml'], 1):>6} {cell(row['dice']):>6} {cell(row['auroc']):>6} "
+            f"{cell(row['auprc']):>6} {cell(row['healthy_slice_fp_percent'], 2):>6} {cell(row.get('contrast_removed'), 2):>7} {cell(row['seconds'], 1):>6}"
         )
     pooled, mean = report["pooled"], report["mean"]
     lines.append(
@@ -201,7 +250,16 @@ def format_report(report: Dict[str, object]) -> str:
         f"{'pooled':<28} {'':>8} {cell(pooled['dice']):>6} {cell(pooled['auroc']):>6} {cell(pooled['auprc']):>6} "
         f"{cell(pooled['healthy_slice_fp_percent'], 2):>6}"
     )
-    lines.append(f"slice-level classifier AUROC: {cell(pooled['slice_auroc'])}")
+    lines.append("slice-level classifier AUROC by noise level t: " + ", ".join(
+        f"t={t}: {cell(value)}" for t, value in report["classifier_auroc_by_t"].items()))  # type: ignore[union-attr]
+    lines.append(
+        f"healing (map units): error in the lesion {cell(mean.get('lesion_error'))}, in healthy tissue {cell(mean.get('healthy_error'))}"
+        + (f" (plain reconstruction: {cell(mean.get('reconstruction_healthy_error'))})" if mean.get("reconstruction_healthy_error") is not None else "")
+        + f"; lesion contrast removed {cell(mean.get('contrast_removed'), 2)}"
+    )
+    for name, group in report["by_lesion_size"].items():  # type: ignore[union-attr]
+        lines.append(f"  {name:>6} lesions ({group['subjects']}): Dice {cell(group['dice'])}, AUROC {cell(group['auroc'])}, "
+                     f"contrast removed {cell(group.get('contrast_removed'), 2)}, lesion error {cell(group.get('lesion_error'))}")
     lines.append(f"false positives on healthy subjects: {cell(report['healthy_subjects_fp_percent'], 2)} % of brain voxels")
     for name, scores in report["thresholds"].items():  # type: ignore[union-attr]
         lines.append(

@@ -6,7 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -99,13 +99,43 @@ def _raw_nifti_has_nan(path: Path) -> bool:
     return bool(np.isnan(np.asanyarray(image.dataobj)).any())
 
 
+def read_dicom_series(folder: Path) -> sitk.Image:
+    """The one DICOM series in ``folder`` as a volume (GDCM sorts the slices by position)."""
+    reader = sitk.ImageSeriesReader()
+    series = list(reader.GetGDCMSeriesIDs(str(folder)))
+    if not series:
+        raise ValueError(f"{folder} holds no DICOM series: give a folder with the DICOM files of one series, or a NIfTI/NRRD file")
+    if len(series) > 1:
+        described = [f"{dicom_description(folder, uid) or 'no description'} ({uid})" for uid in series]
+        raise ValueError(f"{folder} holds {len(series)} DICOM series: {'; '.join(described)}; give a folder with one series")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read the DICOM series in {folder}: its files are damaged or not image slices") from error
+
+
+def dicom_description(folder: Path, series: Optional[str] = None) -> str:
+    """The Series Description (0008,103E) of a series in ``folder`` (its only one by default), or ``""``."""
+    reader = sitk.ImageSeriesReader()
+    series = series or next(iter(reader.GetGDCMSeriesIDs(str(folder))), None)
+    if series is None:
+        return ""
+    header = sitk.ImageFileReader()
+    header.SetFileName(reader.GetGDCMSeriesFileNames(str(folder), series)[0])
+    header.ReadImageInformation()
+    return header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else ""
+
+
 def read_image(path: Union[str, Path]) -> sitk.Image:
-    """Reads one volume, with a message that names the file when it cannot be read.
+    """Reads one volume (a file, or a folder holding one DICOM series), naming the input when it cannot.
 
     NaN or infinite voxels are refused for every format (SimpleITK reads NaN in NIfTI as 0,
     so the file's own data is checked as well).
     """
     path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path)
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     try:

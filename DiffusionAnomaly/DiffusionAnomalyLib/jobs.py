@@ -38,6 +38,7 @@ class DetectionRequest:
         geometry: the channels' voxel grid.
         settings: the detection settings (those left ``None`` come from the model card).
         axial_slices: only these canonical axial slices (a preview), or all.
+        brain_mask: the user's brain mask on the channels' grid, or ``None`` (found as the settings say).
     """
 
     model: str
@@ -45,6 +46,7 @@ class DetectionRequest:
     geometry: Geometry
     settings: DetectionSettings = field(default_factory=DetectionSettings)
     axial_slices: Optional[List[int]] = None
+    brain_mask: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -147,6 +149,7 @@ class _LocalJob(DetectionJob):
                 request.channels,
                 request.geometry,
                 request.settings,
+                brain_mask=request.brain_mask,
                 axial_slices=request.axial_slices,
                 progress=self._progress,
                 cancel=self._finished.is_set,

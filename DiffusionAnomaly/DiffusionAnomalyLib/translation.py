@@ -11,12 +11,15 @@ This is the method of Wolleb et al., "Diffusion Models for Medical Anomaly Detec
 
 2. DDIM decoding with classifier guidance toward the healthy class, for i = N .. 1::
 
-       ε̂         = ε_θ(x_{t_i}, t_i) − s · √(1−ᾱ_{t_i}) · ∇_x log p_C(y = healthy | x_{t_i}, t_i)
+       ε̂         = ε_θ(x_{t_i}, t_i) − s(t_i) · √(1−ᾱ_{t_i}) · ∇_x log p_C(y = healthy | x_{t_i}, t_i)
        x̂_0       = (x_{t_i} − √(1−ᾱ_{t_i}) · ε̂) / √ᾱ_{t_i}
        x_{t_i−1} = √ᾱ_{t_i−1} · x̂_0 + √(1−ᾱ_{t_i−1}) · ε̂
 
 Decoding starts exactly where encoding stopped (same grid, same t_N), x̂_0 is never clipped
 (clipping breaks the inversion), and the classifier gradient is taken on a live graph.
+The paper's guidance is constant, s(t) = s; ``guidance_schedule="linear"`` uses
+s(t) = s · t / L instead: full strength where the image is noisiest and structure can still
+change, fading to nothing at t = 0 so that fine healthy detail is not pushed around.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler
 
 from .config import ScheduleConfig
+from .settings import GUIDANCE_SCHEDULES
 
 TimeModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,6 +99,7 @@ def translate(
     noise_level: float,
     steps: int,
     guidance_scale: float,
+    guidance_schedule: str = "constant",
     healthy_class: int = 0,
     num_train_timesteps: int = 1000,
     schedule: Optional[ScheduleConfig] = None,
@@ -111,6 +116,7 @@ def translate(
         noise_level: encoding depth L as a fraction of the training steps.
         steps: DDIM evaluations per direction (strided DDIM; L of them is the paper's setting).
         guidance_scale: s; 0 gives the plain DDIM reconstruction.
+        guidance_schedule: ``constant`` (the paper's) or ``linear`` (s · t / L, see above).
         healthy_class: classifier output index of the healthy class.
         num_train_timesteps: T of a default linear schedule (ignored when ``schedule`` is given).
         schedule: the training noise schedule.
@@ -125,6 +131,8 @@ def translate(
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     if guidance_scale > 0 and classifier is None:
         raise ValueError("guidance needs a classifier; train one or set guidance_scale to 0")
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {guidance_schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     schedule = schedule or ScheduleConfig(num_train_timesteps=num_train_timesteps)
@@ -170,11 +178,12 @@ def translate(
         for t_now, t_prev in zip(reversed(grid[1:]), reversed(grid[:-1])):
             check_cancel()
             eps = predict_noise(x, t_now)
-            if guidance_scale > 0:
+            scale = guidance_scale * (t_now / grid[-1] if guidance_schedule == "linear" else 1.0)
+            if scale > 0:
                 assert classifier is not None
                 with autocast():
                     gradient = healthy_log_prob_gradient(classifier, x, timestep(t_now), healthy_class)
-                eps = eps - guidance_scale * (1 - alpha_bar[t_now]).sqrt() * gradient.float()
+                eps = eps - scale * (1 - alpha_bar[t_now]).sqrt() * gradient.float()
             x = _ddim_move(x, eps, alpha_bar[t_now], alpha_bar[t_prev])
             done += 1
             step_done(done)

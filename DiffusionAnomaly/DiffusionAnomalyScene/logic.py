@@ -26,13 +26,14 @@ import slicer
 from DiffusionAnomalyLib.cards import load_card
 from DiffusionAnomalyLib.config import ModelCard
 from DiffusionAnomalyLib.jobs import CANCELLED, DONE, RUNNING, DetectionJob, DetectionRequest, JobStatus, ThreadJob
-from DiffusionAnomalyLib.settings import DetectionSettings, Threshold
+from DiffusionAnomalyLib.settings import CALIBRATED, DetectionSettings, Threshold
 
 from . import outputs
 from .volumes import axial_slice_at, channel_inputs, guess_channel_volumes
 
 ATTRIBUTE_PREFIX = "DiffusionAnomaly."
 PREVIEW_OF = ATTRIBUTE_PREFIX + "PreviewOf"
+BRAIN_OF = ATTRIBUTE_PREFIX + "BrainOf"
 JobFactory = Callable[[DetectionRequest], DetectionJob]
 
 
@@ -63,6 +64,8 @@ class DetectionOutputs:
     seconds: float
     preview_slice: Optional[int] = None
     messages: List[str] = field(default_factory=list)
+    brain_node: Optional[object] = None
+    brain_source: str = ""
 
     @property
     def is_preview(self) -> bool:
@@ -70,7 +73,8 @@ class DetectionOutputs:
 
     def summary(self) -> str:
         what = f"slice {self.preview_slice} (preview)" if self.is_preview else f"{self.slices_processed} slices"
-        return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}"
+        brain = f"; brain: {self.brain_source}" if self.brain_source else ""
+        return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}{brain}"
 
 
 @dataclass
@@ -109,11 +113,13 @@ class AnomalySceneLogic:
     # -- 1. request ------------------------------------------------------------------------
 
     def request(self, model: str, volume_nodes: Sequence[Optional[object]], settings: Optional[DetectionSettings] = None,
-                preview_ras: Optional[Sequence[float]] = None) -> PendingDetection:
+                preview_ras: Optional[Sequence[float]] = None, brain_segmentation=None) -> PendingDetection:
         """Reads the channel volumes (one per model channel, in the card's order).
 
         ``preview_ras``: a point on the slice to preview (the red view's centre); only the
-        axial slice through it is translated. Raises ``ValueError`` for a bad setting or input.
+        axial slice through it is translated. ``brain_segmentation``: a segmentation whose
+        first segment is the brain (instead of finding it). Raises ``ValueError`` for a bad
+        setting or input.
         """
         card = load_card(model)
         resolved = (settings or DetectionSettings()).resolve(card)
@@ -122,7 +128,8 @@ class AnomalySceneLogic:
         preview_slice = None
         if preview_ras is not None:
             preview_slice, _ = axial_slice_at(reference, preview_ras)
-        request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, resolved, None if preview_slice is None else [preview_slice])
+        brain = None if brain_segmentation is None else outputs.segment_as_mask(self.scene, brain_segmentation, reference)
+        request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, resolved, None if preview_slice is None else [preview_slice], brain)
         return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages)
 
     # -- 3. apply ----------------------------------------------------------------------------
@@ -152,6 +159,13 @@ class AnomalySceneLogic:
             outputs.write_segment(self.scene, segmentation_node, result.mask, reference)
             for node in (map_node, segmentation_node):
                 outputs.place_with_input(self.scene, node, reference)
+            brain_node = None
+            if pending.request.brain_mask is None:  # a brain the user gave is shown by its own segmentation
+                brain_node = self.brain_node(reference) or self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} brain")
+                brain_node.SetAttribute(BRAIN_OF, reference.GetID())
+                outputs.write_segment(self.scene, brain_node, result.brain_mask, reference, outputs.BRAIN_SEGMENT_NAME, outputs.BRAIN_SEGMENT_COLOR)
+                outputs.show_as_outline(brain_node)
+                outputs.place_with_input(self.scene, brain_node, reference)
             outputs.show_overlay(self.scene, pending.background_node, map_node, segmentation_node)
             finding = outputs.largest_finding_centre(result.mask, reference) if pending.preview_slice is None else None
             if finding is not None:
@@ -164,7 +178,14 @@ class AnomalySceneLogic:
         self._analysed[map_node.GetID()] = result.foreground.astype(bool)
         self._record(map_node, pending, result)
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),
-                                result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages))
+                                result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages),
+                                brain_node, result.brain_source)
+
+    def brain_node(self, reference_node) -> Optional[object]:
+        """The segmentation holding the brain outline of ``reference_node``'s detections, if there is one."""
+        collection = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return next((node for node in nodes if node.GetAttribute(BRAIN_OF) == reference_node.GetID()), None)
 
     def preview_nodes(self, reference_node) -> Tuple[Optional[object], Optional[object]]:
         """The map and segmentation that hold previews of ``reference_node``, if there are any yet."""
@@ -181,6 +202,7 @@ class AnomalySceneLogic:
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Model", pending.request.model)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Settings", json.dumps(result.settings.to_dict()))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(result.threshold)))
+        map_node.SetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold", repr(float(result.calibrated_threshold)))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels", str(result.settings.min_component_voxels))
 
     # -- re-threshold --------------------------------------------------------------------------
@@ -188,7 +210,7 @@ class AnomalySceneLogic:
     def rethreshold(self, map_node, segmentation_node, threshold: Threshold,
                     min_component_voxels: Optional[int] = None) -> Tuple[int, float]:
         """Re-cuts the segmentation from the map node's values; returns (voxels, threshold)."""
-        from DiffusionAnomalyLib.detector import threshold_map
+        from DiffusionAnomalyLib.thresholds import threshold_map
 
         if map_node is None or map_node.GetImageData() is None:
             raise ValueError("there is no anomaly map to threshold yet: run Detect anomalies first")
@@ -200,11 +222,20 @@ class AnomalySceneLogic:
             analysed = anomaly_map > 0
         if min_component_voxels is None:
             min_component_voxels = int(map_node.GetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels") or 0)
-        mask, value = threshold_map(anomaly_map, analysed, threshold, min_component_voxels)
+        calibrated = map_node.GetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold")
+        mask, value = threshold_map(anomaly_map, analysed, threshold, min_component_voxels, float(calibrated) if calibrated else None)
         outputs.write_segment(self.scene, segmentation_node, mask, map_node)
         self.show_threshold(map_node, value)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(value)))
         return int(mask.sum()), float(value)
+
+    @staticmethod
+    def threshold_value(map_node, threshold: Threshold) -> Optional[float]:
+        """The map value a threshold choice stands for on this map, when it is known without a re-cut."""
+        if isinstance(threshold, (int, float)):
+            return float(threshold)
+        stored = map_node.GetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold") if map_node is not None else None
+        return float(stored) if threshold == CALIBRATED and stored else None
 
     @staticmethod
     def show_threshold(map_node, value: float) -> None:
@@ -246,15 +277,16 @@ class DetectionRun:
         return self._job is not None and self._job.status().state == RUNNING
 
     def start(self, model: str, volume_nodes: Sequence[Optional[object]], settings: Optional[DetectionSettings] = None,
-              preview_ras: Optional[Sequence[float]] = None, map_node=None, segmentation_node=None) -> List[str]:
+              preview_ras: Optional[Sequence[float]] = None, map_node=None, segmentation_node=None, brain_segmentation=None) -> List[str]:
         """Starts a detection (a preview of the slice through ``preview_ras`` if given); returns notes on the inputs.
 
         A full result goes to ``map_node``/``segmentation_node`` (created when ``None``); a
-        preview always goes to the reference volume's own preview nodes.
+        preview always goes to the reference volume's own preview nodes. ``brain_segmentation``:
+        the user's brain mask (its first segment) instead of finding the brain.
         """
         if self.running:
             raise RuntimeError("a detection is already running: wait for it or cancel it first")
-        pending = self.scene_logic.request(model, volume_nodes, settings, preview_ras)
+        pending = self.scene_logic.request(model, volume_nodes, settings, preview_ras, brain_segmentation)
         preview = pending.preview_slice is not None
         self._targets = self.scene_logic.preview_nodes(pending.reference_node) if preview else (map_node, segmentation_node)
         self._job = (self._start_preview_job if preview else self._start_job)(pending.request)

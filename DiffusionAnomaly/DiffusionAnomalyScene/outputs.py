@@ -16,6 +16,8 @@ HEAT_COLOR_FILE = RESOURCES / "ColorTables" / "DiffusionAnomalyInferno.txt"
 SEGMENT_NAME = "Anomaly"
 # Cyan stands out against every colour of the Inferno heat map and against grey MRI.
 SEGMENT_COLOR = (0.0, 0.85, 1.0)
+BRAIN_SEGMENT_NAME = "Brain"
+BRAIN_SEGMENT_COLOR = (0.45, 0.85, 0.35)
 OVERLAY_OPACITY = 0.5
 # The heat map's window ends at this percentile of the map over the analysed voxels, so
 # that a few extreme voxels do not wash out the rest.
@@ -78,8 +80,9 @@ def style_map_display(scene, map_node, anomaly_map: np.ndarray, analysed: np.nda
             legend.SetLabelFormat("%.2f")
 
 
-def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node) -> None:
-    """Puts ``mask`` into the segmentation's "Anomaly" segment, creating the segment if needed.
+def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node, name: str = SEGMENT_NAME,
+                  color: Sequence[float] = SEGMENT_COLOR) -> None:
+    """Puts ``mask`` into the segmentation's segment ``name``, creating the segment if needed.
 
     The segmentation and the temporary labelmap sit under the reference volume's transform:
     importing a labelmap applies the transform between the labelmap's and the segmentation's
@@ -89,9 +92,9 @@ def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node) ->
     segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     segmentation = segmentation_node.GetSegmentation()
-    segment_id = segmentation.GetSegmentIdBySegmentName(SEGMENT_NAME)
+    segment_id = segmentation.GetSegmentIdBySegmentName(name)
     if not segment_id:
-        segment_id = segmentation.AddEmptySegment(SEGMENT_NAME, SEGMENT_NAME, SEGMENT_COLOR)
+        segment_id = segmentation.AddEmptySegment(name, name, color)
     labelmap = slicer.vtkMRMLLabelMapVolumeNode()
     labelmap.SetName("__diffusion_anomaly_mask__")
     scene.AddNode(labelmap)
@@ -110,11 +113,40 @@ def write_segment(scene, segmentation_node, mask: np.ndarray, reference_node) ->
     finally:
         scene.RemoveNode(labelmap)
     segment = segmentation.GetSegment(segment_id)
-    segment.SetName(SEGMENT_NAME)
-    segment.SetColor(*SEGMENT_COLOR)
+    segment.SetName(name)
+    segment.SetColor(*color)
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.GetDisplayNode().SetOpacity2DFill(0.25)
+
+
+def show_as_outline(segmentation_node) -> None:
+    """Only the outline in the slice views, nothing in 3D (the brain mask is context, not a finding)."""
+    display = segmentation_node.GetDisplayNode()
+    display.SetOpacity2DFill(0.0)
+    display.SetOpacity2DOutline(0.8)
+    display.SetVisibility3D(False)
+
+
+def segment_as_mask(scene, segmentation_node, reference_node, segment_name: Optional[str] = None) -> np.ndarray:
+    """A segment (``segment_name``, else the first) as a (k, j, i) mask on the reference volume's grid."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segment to use as the brain mask")
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name) if segment_name else segmentation.GetNthSegmentID(0)
+    if not segment_id:
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segment '{segment_name}'")
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(labelmap)
+    try:
+        labelmap.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_node):
+            raise ValueError(f"the segment of '{segmentation_node.GetName()}' could not be put on the grid of '{reference_node.GetName()}'")
+        return slicer.util.arrayFromVolume(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
 
 
 def place_with_input(scene, node, reference_node) -> None:

@@ -13,18 +13,10 @@ import vtk
 
 from DiffusionAnomalyLib.imageio import Geometry, resample_onto
 from DiffusionAnomalyLib.preprocessing import Orientation
+from DiffusionAnomalyLib.sequences import sequence_pattern, volume_label
 
 # Slicer's world is RAS, SimpleITK's (and the engine's) LPS.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-# How volume names usually spell each sequence, tried in this order so that "t1ce" is not
-# taken for "t1" nor "t2-flair" for "t2".
-CHANNEL_NAME_PATTERNS = {
-    "flair": r"flair",
-    "t1ce": r"t1[-_ ]?(ce|c|gd|post|contrast)|ce[-_ ]?t1|t1[-_ ]?\+?c\b",
-    "t1": r"t1(?![-_ ]?(ce|c\b|gd|post|contrast|\+))",
-    "t2": r"t2(?![-_ ]?flair)",
-}
 
 
 # A channel on another grid must cover at least this fraction of the first channel's box.
@@ -40,7 +32,7 @@ def load_volume(scene, path, name: Optional[str] = None):
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name or re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", "", path.name, flags=re.IGNORECASE))
+    node.SetName(name or volume_label(path))
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     scene.AddNode(storage)
@@ -88,7 +80,7 @@ def guess_channel_volumes(channel_names: Sequence[str], volume_nodes: Sequence, 
         if current is not None:
             guesses.append(current)
             continue
-        pattern = CHANNEL_NAME_PATTERNS.get(channel.lower(), re.escape(channel.lower()))
+        pattern = sequence_pattern(channel)
         match = next((node for node in volume_nodes if node.GetID() not in taken and re.search(pattern, node.GetName().lower())), None)
         if match is not None:
             taken.add(match.GetID())

@@ -38,7 +38,18 @@ from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from DiffusionAnomalyLib import resources
 from DiffusionAnomalyLib.cards import load_card
 from DiffusionAnomalyLib.jobs import RUNNING, ThreadJob
-from DiffusionAnomalyLib.settings import OTSU, RANGES, DetectionSettings, number_from_text, parse_threshold
+from DiffusionAnomalyLib.sequences import guess_sequence
+from DiffusionAnomalyLib.settings import (
+    BRAIN_MASK_MODES,
+    PANEL_THRESHOLD_MODES,
+    RANGES,
+    THRESHOLD_MEANINGS,
+    DetectionSettings,
+    number_from_text,
+    panel_threshold_mode,
+    parse_threshold,
+    threshold_from_panel,
+)
 from DiffusionAnomalyScene import outputs
 from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun, background_volume
 
@@ -53,6 +64,9 @@ VOLUME_RENDERING_PRESET = "MR-Default"
 # The head is drawn faint, so that the segmentation inside it stays visible in 3D.
 VOLUME_RENDERING_OPACITY = 0.12
 LEGEND_STOPS = 9
+AUTOMATIC = "automatic"
+# Channel selectors on the page, as in the desktop panel.
+MAX_CHANNELS = 4
 
 
 def heat_gradient() -> str:
@@ -78,14 +92,18 @@ class AnomalyWebApp(TrameApp):
     """The page: four views on the left of a drawer with the detection panel.
 
     Args:
-        model: the model bundle (default: the bundled one).
+        model: the model bundle; by default the bundled model that fits the loaded volumes
+            is chosen automatically (the panel offers every bundled model too).
         secret: when given, every request must carry it in the ``X-Diffusion-Anomaly-Session``
             header (the front server adds it); others get 403.
     """
 
     def __init__(self, server=None, model: Optional[str] = None, secret: Optional[str] = None) -> None:
         super().__init__(server, client_type="vue3")
-        self.model = str(model or resources.default_model())
+        self.models = {name: str(path) for name, path in resources.bundled_models().items()}
+        if model is not None:
+            self.models = {load_card(model).name: str(model), **self.models}
+        self.model = str(model) if model is not None else next(iter(self.models.values()))
         self.card = load_card(self.model)
         self.secret = secret
         self.slicer = SlicerApp()
@@ -106,19 +124,17 @@ class AnomalyWebApp(TrameApp):
         self._rendered_volume = None
         self._recut = None
 
-        defaults = self.card.defaults
         self.state.update({
             "trame__title": "Diffusion Anomaly",
-            "model_summary": self.card.summary(),
-            "channel_names": list(self.card.channels),
+            "model_choices": [{"title": "Automatic: fits the loaded volumes", "value": AUTOMATIC}]
+                             + [{"title": name, "value": name} for name in self.models],
+            "model_choice": AUTOMATIC if model is None else self.card.name,
+            "model_note": "",
             "volumes": [],
-            **{self._channel_key(i): None for i in range(len(self.card.channels))},
-            "noise_level": float(defaults.noise_level),
-            "guidance_scale": float(defaults.guidance_scale),
-            "threshold": float(defaults.threshold) if defaults.threshold != OTSU else 0.1,
-            "threshold_max": float(len(self.card.channels)),
-            "use_otsu": defaults.threshold == OTSU,
-            "steps": str(defaults.steps),
+            **{self._channel_key(i): None for i in range(MAX_CHANNELS)},
+            "threshold_modes": [{"title": mode, "value": mode} for mode in PANEL_THRESHOLD_MODES],
+            "threshold_meanings": THRESHOLD_MEANINGS,
+            "brain_mask_modes": list(BRAIN_MASK_MODES),
             "running": False,
             "progress": 0,
             "progress_text": "",
@@ -128,13 +144,60 @@ class AnomalyWebApp(TrameApp):
             "segmentation_shown": False,
             "anomaly_voxels": 0,
             "legend_max": 1.0,
+            "threshold_used": None,
         })
+        self._show_model(self.model)
         self._build_ui()
         self.ctrl.on_server_bind.add(self._add_routes)
 
     @staticmethod
     def _channel_key(index: int) -> str:
         return f"channel_{index}"
+
+    def _show_model(self, path: str, note: str = "") -> None:
+        """Fits the panel to a model: its card, its channels, its default settings."""
+        changed = path != self.model or "channel_names" not in self.state
+        self.model, self.card = path, load_card(path)
+        defaults = self.card.defaults
+        self.state.model_summary = [self.card.name] + self.card.summary()[1:]
+        self.state.model_note = note
+        self.state.channel_names = list(self.card.channels[:MAX_CHANNELS])
+        self.state.threshold_max = float(len(self.card.channels))
+        if changed:
+            self.state.update({
+                "noise_level": float(defaults.noise_level),
+                "guidance_scale": float(defaults.guidance_scale),
+                "threshold_mode": panel_threshold_mode(defaults.threshold),
+                "threshold": float(defaults.threshold) if not isinstance(defaults.threshold, str) else 0.1,
+                "steps": str(defaults.steps),
+                "default_steps": int(defaults.steps),
+                "brain_mask": defaults.brain_mask,
+            })
+
+    def _choose_model(self) -> None:
+        """The bundled model that fits the loaded volumes (automatic), or the one chosen."""
+        if self.state.model_choice != AUTOMATIC:
+            self._show_model(self.models[self.state.model_choice])
+            return
+        nodes = self.scene_logic.input_volumes()
+        if not nodes:
+            self._show_model(self.model, "Automatic: the model is chosen from the sequences of the volumes you load.")
+            return
+        try:
+            path, order = resources.model_for_sequences([guess_sequence(node.GetName()) for node in nodes])
+        except ValueError as error:
+            self._show_model(self.model, f"Automatic: {error}")
+            return
+        card = load_card(path)
+        used = ", ".join(f"{channel}: {nodes[index].GetName()}" for channel, index in zip(card.channels, order))
+        self._show_model(str(path), f"Automatic: {card.name} fits the loaded volumes ({used}).")
+        for index, node_index in enumerate(order[:MAX_CHANNELS]):
+            self.state[self._channel_key(index)] = nodes[node_index].GetID()
+
+    @change("model_choice")
+    def _on_model_choice(self, **_) -> None:
+        self._choose_model()
+        self._refresh_volumes()
 
     # -- page ---------------------------------------------------------------------------------
 
@@ -147,17 +210,20 @@ class AnomalyWebApp(TrameApp):
             self.ui.root.theme = "dark"
             with self.ui.drawer:
                 with html.Div(classes="pa-3 d-flex flex-column ga-2"):
-                    html.Div(self.card.name, classes="text-subtitle-2", title=self.card.description)
-                    html.Div("{{ model_summary.slice(1).join(' ') }}", id="model-summary", classes="text-caption")
+                    v3.VSelect(id="model", label="Model", v_model=("model_choice",), items=("model_choices",), density="compact",
+                               hide_details=True, disabled=("running",))
+                    html.Div("{{ model_note }}", id="model-note", v_if="model_note", classes="text-caption text-amber")
+                    html.Div("{{ model_summary.join(' ') }}", id="model-summary", classes="text-caption")
                     v3.VBtn("Load sample study", id="load-sample", block=True, click=self.load_sample, disabled=("running",))
                     v3.VFileInput(
                         id="upload", label="Upload NIfTI / NRRD volumes", multiple=True, density="compact", hide_details=True,
                         accept=",".join(IMAGE_SUFFIXES + (".gz",)), disabled=("running",),
                         change=f"trigger('{self.ctrl.trigger_name(self.upload)}', [$event.target.files])",
                     )
-                    for index, name in enumerate(self.card.channels):
+                    for index in range(MAX_CHANNELS):
                         v3.VSelect(
-                            id=f"channel-{index}", label=f"{name} volume", v_model=(self._channel_key(index),), items=("volumes",),
+                            id=f"channel-{index}", v_if=f"channel_names.length > {index}", label=(f"channel_names[{index}] + ' volume'",),
+                            v_model=(self._channel_key(index),), items=("volumes",),
                             density="compact", hide_details=True, clearable=True, disabled=("running",),
                         )
                     html.Div("{{ 'Noise level L = ' + Number(noise_level).toFixed(2) + ' (' + Math.round(noise_level * 1000) + ' of 1000 steps)' }}",
@@ -174,26 +240,32 @@ class AnomalyWebApp(TrameApp):
                         density="compact", hide_details=True, disabled=("running",),
                         title="How strongly the classifier pushes toward healthy; 0 is a plain reconstruction.",
                     )
-                    html.Div("{{ use_otsu ? 'Threshold: Otsu\\'s, chosen on each map' : 'Threshold = ' + Number(threshold).toFixed(3) + ' (map units, 0 to ' + threshold_max + ')' }}",
-                             id="threshold-value", classes="text-body-2")
+                    v3.VSelect(id="threshold-mode", label="Threshold", v_model=("threshold_mode",), items=("threshold_modes",),
+                               density="compact", hide_details=True)
+                    html.Div("{{ threshold_meanings[threshold_mode] }}", id="threshold-meaning", classes="text-caption")
+                    html.Div("{{ 'Fixed threshold = ' + Number(threshold).toFixed(3) + ' (map units, 0 to ' + threshold_max + ')' }}",
+                             id="threshold-value", v_if="threshold_mode == 'fixed'", classes="text-body-2")
                     v3.VSlider(
-                        id="threshold", v_model=("threshold",), min=0.005, max=("threshold_max",), step=0.005,
-                        density="compact", hide_details=True, disabled=("running || use_otsu",),
+                        id="threshold", v_model=("threshold",), min=0.005, max=("threshold_max",), step=0.005, v_if="threshold_mode == 'fixed'",
+                        density="compact", hide_details=True, disabled=("running",),
                         title="Map value above which voxels are segmented; moving it re-cuts the segmentation.",
                     )
-                    v3.VCheckbox(id="use-otsu", label="Otsu's threshold", v_model=("use_otsu",), density="compact", hide_details=True)
+                    v3.VSelect(id="brain-mask", label="Brain mask", v_model=("brain_mask",), items=("brain_mask_modes",), density="compact",
+                               hide_details=True, disabled=("running",),
+                               title="auto: extract the brain unless the images are skull-stripped; extract: always; none: the images are skull-stripped. "
+                                     "Only the brain is analysed; its outline is shown in green.")
                     with html.Div(id="legend", v_if="overlay_shown", classes="text-caption"):
                         html.Div("Anomaly map (colours in the views)")
                         with html.Div(style=f"position: relative; height: 14px; border-radius: 2px; background: {heat_gradient()}"):
-                            html.Div(id="legend-threshold", v_if="!use_otsu",
+                            html.Div(id="legend-threshold", v_if="threshold_used !== null",
                                      style=("{position: 'absolute', top: '-3px', bottom: '-3px', width: '2px', background: '#00d9ff', "
-                                            "left: Math.min(100, 100 * threshold / legend_max) + '%'}",),
+                                            "left: Math.min(100, 100 * threshold_used / legend_max) + '%'}",),
                                      title="the threshold")
                         with html.Div(classes="d-flex justify-space-between"):
                             html.Span("0")
                             html.Span("{{ (legend_max / 2).toFixed(2) }}")
                             html.Span("{{ legend_max.toFixed(2) }}", id="legend-max")
-                    v3.VTextField(id="steps", label=f"Steps ({steps_low}–{steps_high}; this model's default: {self.card.defaults.steps})",
+                    v3.VTextField(id="steps", label=(f"'Steps ({steps_low}–{steps_high}; this model\\'s default: ' + default_steps + ')'",),
                                   v_model=("steps",), density="compact", hide_details=True, disabled=("running",),
                                   title="DDIM network evaluations per direction: fewer is faster, with more reconstruction error in the map.")
                     v3.VBtn("{{ running ? 'Cancel' : 'Detect anomalies' }}", id="detect", color=("running ? 'error' : 'primary'",),
@@ -216,13 +288,15 @@ class AnomalyWebApp(TrameApp):
     # -- loading ------------------------------------------------------------------------------
 
     def _channel_nodes(self) -> list:
-        ids = [self.state[self._channel_key(i)] for i in range(len(self.card.channels))]
+        ids = [self.state[self._channel_key(i)] for i in range(min(len(self.card.channels), MAX_CHANNELS))]
         return [self.scene.GetNodeByID(node_id) if node_id else None for node_id in ids]
 
     def _refresh_volumes(self) -> None:
         nodes = self.scene_logic.input_volumes()
         self.state.volumes = [{"title": node.GetName(), "value": node.GetID()} for node in nodes]
-        for index, guess in enumerate(self.scene_logic.guess_channel_volumes(self.card.channels, self._channel_nodes())):
+        if self.state.model_choice == AUTOMATIC:
+            self._choose_model()
+        for index, guess in enumerate(self.scene_logic.guess_channel_volumes(self.card.channels[:MAX_CHANNELS], self._channel_nodes())):
             self.state[self._channel_key(index)] = guess.GetID() if guess is not None else None
         chosen = self._channel_nodes()
         if any(node is not None for node in chosen):
@@ -304,14 +378,17 @@ class AnomalyWebApp(TrameApp):
 
     # -- detection ----------------------------------------------------------------------------
 
+    def threshold(self):
+        return threshold_from_panel(self.state.threshold_mode, parse_threshold(self.state.threshold))
+
     def settings(self) -> DetectionSettings:
         """The panel's settings; raises ``ValueError`` with the allowed range for a bad entry."""
-        threshold = OTSU if self.state.use_otsu else parse_threshold(self.state.threshold)
         return DetectionSettings(
             noise_level=number_from_text("noise_level", self.state.noise_level),
             guidance_scale=number_from_text("guidance_scale", self.state.guidance_scale),
             steps=number_from_text("steps", self.state.steps),
-            threshold=threshold,
+            threshold=self.threshold(),
+            brain_mask=self.state.brain_mask,
         ).resolve(self.card)
 
     def detect_or_cancel(self) -> None:
@@ -372,6 +449,7 @@ class AnomalyWebApp(TrameApp):
         self.state.overlay_shown = True
         self.state.segmentation_shown = True
         self.state.anomaly_voxels = result.anomaly_voxels
+        self.state.threshold_used = result.threshold
         self.state.status = " ".join(result.messages + [f"Done: {result.summary()}."])
         self._schedule_render()
 
@@ -379,18 +457,19 @@ class AnomalyWebApp(TrameApp):
         for view in self.slicer.view_manager.get_views():
             view.schedule_render()
 
-    @change("threshold", "use_otsu")
+    @change("threshold", "threshold_mode")
     def _rethreshold(self, **_) -> None:
         """Moves the map's transparent floor at once; re-cuts the segmentation once the slider rests."""
         latest = self.run.latest
         if latest is None or self.run.running:
             return
-        if not self.state.use_otsu:
-            try:
-                AnomalySceneLogic.show_threshold(latest.map_node, float(parse_threshold(self.state.threshold)))
-            except ValueError as error:
-                self.state.error_msg = str(error)
-                return
+        try:
+            value = self.scene_logic.threshold_value(latest.map_node, self.threshold())
+        except ValueError as error:
+            self.state.error_msg = str(error)
+            return
+        if value is not None:
+            AnomalySceneLogic.show_threshold(latest.map_node, value)
             self._schedule_render()
         if self._recut is not None:
             self._recut.cancel()
@@ -400,13 +479,13 @@ class AnomalyWebApp(TrameApp):
         await asyncio.sleep(RETHRESHOLD_DELAY_SECONDS)
         with self.state:
             try:
-                threshold = OTSU if self.state.use_otsu else self.settings().threshold
-                voxels, value = self.run.rethreshold(threshold)
+                voxels, value = self.run.rethreshold(self.threshold())
             except ValueError as error:
                 self.state.error_msg = str(error)
                 return
             self.run.latest.segmentation_node.CreateClosedSurfaceRepresentation()
             self.state.anomaly_voxels = voxels
+            self.state.threshold_used = value
             self.state.status = f"{voxels} voxels above {value:.3g}."
             self._schedule_render()
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionAnomalyLib.detector import AnomalyDetector, threshold_map
+from DiffusionAnomalyLib.detector import AnomalyDetector
+from DiffusionAnomalyLib.thresholds import threshold_map
 from DiffusionAnomalyLib.imageio import Geometry
 from DiffusionAnomalyLib.preprocessing import Orientation
 from DiffusionAnomalyLib.settings import DetectionSettings
@@ -151,3 +152,17 @@ def test_threshold_choices_and_small_component_removal():
     assert value == 0.5 and mask.sum() == 32
     mask, _ = threshold_map(np.zeros_like(anomaly), foreground, "otsu")
     assert mask.sum() == 0, "a flat map flags nothing"
+
+
+def test_maps_averaged_over_noise_levels_report_progress_over_all_of_them(tiny_bundle):
+    detector = AnomalyDetector.from_bundle(tiny_bundle, device="cpu")
+    arrays, _ = brain_phantom()
+    seen = []
+    single = detector.detect(list(arrays), settings=DetectionSettings(map_levels=1, noise_level=0.4, steps=4))
+    averaged = detector.detect(list(arrays), settings=DetectionSettings(map_levels=2, noise_level=0.4, steps=4),
+                               progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and len({total for _, total in seen}) == 1
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert averaged.settings.map_levels == 2 and not np.array_equal(averaged.anomaly_map, single.anomaly_map)
+    with pytest.raises(ValueError, match="noise levels averaged must be a whole number from 1 to 8"):
+        detector.detect(list(arrays), settings=DetectionSettings(map_levels=9))

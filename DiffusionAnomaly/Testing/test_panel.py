@@ -23,7 +23,10 @@ EXPECTED_CLASSES = {
     "noiseLevelSlider": "ctkSliderWidget",
     "guidanceScaleSlider": "ctkSliderWidget",
     "thresholdSlider": "ctkSliderWidget",
-    "otsuCheckBox": "QCheckBox",
+    "thresholdModeComboBox": "QComboBox",
+    "thresholdMeaningLabel": "QLabel",
+    "brainMaskModeComboBox": "QComboBox",
+    "brainMaskSegmentationSelector": "qMRMLNodeComboBox",
     "stepsSpinBox": "QSpinBox",
     "deviceComboBox": "QComboBox",
     "batchSizeSpinBox": "QSpinBox",
@@ -95,14 +98,14 @@ def test_every_parameter_is_bound_to_a_widget_that_can_edit_its_type():
         else:
             assert fields[parameter] in BINDABLE[kind], f"{name} ({kind}) cannot edit a {fields[parameter]}"
         bound[parameter] = name
-    # modelPath is kept by the module itself: the model list is filled at run time.
-    assert set(fields) - set(bound) == {"modelPath"}
+    # The model choice is kept by the module itself: the model list is filled at run time.
+    assert set(fields) - set(bound) == {"modelPath", "automaticModel"}
 
 
 def test_settings_explain_themselves():
     widgets = _widgets()
     for name in ("noiseLevelSlider", "guidanceScaleSlider", "thresholdSlider", "stepsSpinBox", "batchSizeSpinBox", "deviceComboBox",
-                 "detectButton", "previewButton", "otsuCheckBox"):
+                 "detectButton", "previewButton", "thresholdModeComboBox", "brainMaskModeComboBox", "brainMaskSegmentationSelector"):
         tooltip = _string_property(widgets[name], "toolTip")
         assert tooltip and len(tooltip.split()) >= 6, f"{name} needs a tooltip that says what it does"
 

@@ -90,11 +90,11 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
 
     # A quick sweep: every second slice, more thresholds scored from the same maps.
     assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "4",
-                 "--noise-level", "0.1", "--slice-step", "2", "--also-thresholds", "otsu,0.05,1000", "--record", "quick"]) == 0
+                 "--noise-level", "0.1", "--slice-step", "2", "--also-thresholds", "calibrated,otsu,0.05,1000", "--record", "quick"]) == 0
     sweep = json.loads(report_path.read_text())
     assert sweep["settings"]["slice_step"] == 2
     assert sum(row["lesion_voxels"] for row in sweep["subjects"]) < sum(row["lesion_voxels"] for row in report["subjects"])
-    assert sweep["thresholds"]["otsu"]["pooled_dice"] == pytest.approx(sweep["pooled"]["dice"])
+    assert sweep["thresholds"]["calibrated"]["pooled_dice"] == pytest.approx(sweep["pooled"]["dice"]), "the default threshold is the calibrated one"
     assert sweep["thresholds"]["1000.0"]["healthy_subjects_fp_percent"] == 0.0
     assert load_bundle(model).card.metrics["quick"]["settings"]["slice_step"] == 2
 

