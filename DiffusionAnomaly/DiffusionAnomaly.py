@@ -166,7 +166,7 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
-        # The threshold slider and the Otsu box are not connected here: connectGui writes their
+        # The threshold slider and mode are not connected here: connectGui writes their
         # values into the parameter node from a slot of its own (Slicer's
         # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, valueChanged -> wrapper's
         # _makeGuiToParamCallback), and Qt calls slots in the order they were connected, so a
@@ -277,12 +277,16 @@ class DiffusionAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _chooseAutomaticModel(self) -> None:
         """Picks the bundled model whose sequences the loaded volumes have, and says so."""
         try:
-            path, reason = self.logic.automaticModel()
+            path, volumes, reason = self.logic.automaticModel()
         except ValueError as error:
             self._card = None
             self.ui.modelSummaryLabel.text = _("Automatic: {error}").format(error=html.escape(str(error)))
             return
-        self._useModel(self._parameterNode, path, applyDefaults=self._parameterNode.modelPath != path)
+        changed = self._parameterNode.modelPath != path
+        if changed:  # the volumes chosen for another model's channels do not carry over
+            for i, volume in enumerate(volumes[:MAX_CHANNELS] + [None] * (MAX_CHANNELS - len(volumes))):
+                setattr(self._parameterNode, f"channel{i}Volume", volume)
+        self._useModel(self._parameterNode, path, applyDefaults=changed)
         self.ui.modelSummaryLabel.text = html.escape(reason) + "<br>" + self.ui.modelSummaryLabel.text
 
     def _useModel(self, parameterNode, path: str, applyDefaults: bool) -> None:
@@ -510,7 +514,8 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         return [str(folder) for folder in resources.bundled_models().values()]
 
     def automaticModel(self):
-        """The bundled model that fits the loaded volumes' sequences, and a sentence saying so (read without PyTorch)."""
+        """The bundled model that fits the loaded volumes' sequences, the volume for each of its channels,
+        and a sentence saying so (read without PyTorch)."""
         from DiffusionAnomalyLib import resources
         from DiffusionAnomalyLib.sequences import guess_sequence
 
@@ -521,7 +526,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         path, order = resources.model_for_sequences(sequences)
         card = self.modelCard(str(path))
         used = ", ".join(f"{channel}: '{volumes[index].GetName()}'" for channel, index in zip(card.channels, order))
-        return str(path), _("Automatic: {name} fits the loaded volumes ({used}).").format(name=card.name, used=used)
+        return str(path), [volumes[index] for index in order], _("Automatic: {name} fits the loaded volumes ({used}).").format(name=card.name, used=used)
 
     @staticmethod
     def modelCard(path: str):

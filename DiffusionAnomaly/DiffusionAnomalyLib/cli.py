@@ -96,6 +96,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=int, default=1000)
     group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     group.add_argument("--min-foreground", type=float, default=0.05, help="skip slices whose foreground covers less than this fraction")
+    group.add_argument("--max-minutes", type=float, help="stop after this long, checkpointed (continue with --resume)")
     group.add_argument("--no-progress", action="store_true")
 
 
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the bundled model on the bundled sample study and draw a figure")
     demo.add_argument("--out", type=Path, default=Path("diffusion-anomaly-demo"), help="folder for the outputs (default ./diffusion-anomaly-demo)")
     _add_detection_options(demo)
+
+    export = commands.add_parser("export", help="write a copy of a model bundle, e.g. with fp16 weights in files of limited size")
+    export.add_argument("model", type=Path)
+    export.add_argument("--out", required=True, type=Path, help="bundle folder to write (not the model's own)")
+    export.add_argument("--fp16", action="store_true", help="store the weights in half precision (half the size)")
+    export.add_argument("--max-file-mib", type=float, help="split the weights into files of at most this many MiB")
 
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
@@ -319,6 +326,7 @@ def _training_settings(args, network: str):
         resume=args.resume,
         device=args.device,
         show_progress=not args.no_progress,
+        max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
         extra={"data": str(args.data), "min_foreground": args.min_foreground},
     )
 
@@ -465,6 +473,22 @@ def run_set_defaults(args) -> None:
     print(json.dumps(card.to_dict()["defaults"], indent=2))
 
 
+def run_export(args) -> None:
+    import torch
+
+    from .bundle import load_bundle, save_bundle
+
+    if args.out.resolve() == args.model.resolve():
+        raise ValueError("export writes a new bundle: give --out another folder than the model's")
+    if args.max_file_mib is not None and not args.max_file_mib > 0:
+        raise ValueError(f"--max-file-mib must be positive, got {args.max_file_mib}")
+    bundle = load_bundle(args.model)
+    limit = int(args.max_file_mib * 2**20) if args.max_file_mib else None
+    folder = save_bundle(args.out, bundle.card, bundle.unet, bundle.classifier, torch.float16 if args.fp16 else torch.float32, limit)
+    files = sorted(folder.glob("weights*.safetensors"))
+    print(f"wrote {folder}: {', '.join(f'{f.name} ({f.stat().st_size / 2**20:.1f} MiB)' for f in files)}")
+
+
 def run_info(args) -> None:
     from .cards import read_card
 
@@ -514,6 +538,7 @@ COMMANDS = {
     "train-classifier": run_train_classifier,
     "evaluate": run_evaluate,
     "info": run_info,
+    "export": run_export,
     "benchmark": run_benchmark,
     "synth": run_synth,
     "demo": run_demo,

@@ -56,6 +56,8 @@ class TrainSettings:
         checkpoint_every: steps between checkpoints.
         device: ``auto``, ``cpu`` or ``cuda``.
         show_progress: draw a progress bar (on the first process only).
+        max_seconds: stop after this long (checkpointed, to be continued with ``resume``), e.g.
+            to fit a machine that runs commands for a limited time; ``None``: run to ``max_steps``.
     """
 
     max_steps: int = 20000
@@ -69,6 +71,7 @@ class TrainSettings:
     resume: bool = False
     device: str = "auto"
     show_progress: bool = True
+    max_seconds: Optional[float] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
 
@@ -104,6 +107,14 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on the first one."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.broadcast(tensor, src=0)
+        return bool(tensor.item())
 
     def mean(self, value: float) -> float:
         if self.world_size == 1:
@@ -158,6 +169,7 @@ def run_training(
     scaler = torch.amp.GradScaler(cluster.device.type, enabled=autocast_dtype == torch.float16)
 
     step = 0
+    earlier_seconds = 0.0
     checkpoint = settings.checkpoint_dir / CHECKPOINT_FILE if settings.checkpoint_dir else None
     if settings.resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=cluster.device, weights_only=True)
@@ -167,6 +179,7 @@ def run_training(
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
+        earlier_seconds = float(state.get("seconds", 0.0))
 
     if cluster.world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=cluster.world_size, rank=cluster.rank, seed=settings.seed + step)
@@ -179,7 +192,8 @@ def run_training(
         if checkpoint is None or not cluster.is_main:
             return
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step}
+        state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "seconds": earlier_seconds + time.perf_counter() - started}
         if ema is not None:
             state["ema"] = ema.state_dict()
         temporary = checkpoint.with_suffix(".tmp")
@@ -191,7 +205,8 @@ def run_training(
     bar = tqdm(total=settings.max_steps, initial=step, desc=f"training the {name}", disable=not (settings.show_progress and cluster.is_main), unit="step")
     running_loss = None
     network.train()
-    while step < settings.max_steps:
+    out_of_time = False
+    while step < settings.max_steps and not out_of_time:
         images, labels = next(batches)
         images, labels = images.to(cluster.device), labels.to(cluster.device)
         autocast = torch.autocast(cluster.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -207,7 +222,9 @@ def run_training(
         running_loss = loss.item() if running_loss is None else 0.98 * running_loss + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running_loss:.4f}")
-        if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+        # Every process stops at the same step: the first one decides and tells the others.
+        out_of_time = settings.max_seconds is not None and cluster.any(time.perf_counter() - started > settings.max_seconds)
+        if step % settings.checkpoint_every == 0 or step == settings.max_steps or out_of_time:
             save_checkpoint()
     bar.close()
     seconds = time.perf_counter() - started
@@ -224,7 +241,9 @@ def run_training(
         "seed": settings.seed,
         "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
         "final_loss": round(final_loss, 6),
+        "finished": step >= settings.max_steps,
         "wall_seconds_this_run": round(seconds, 1),
+        "wall_seconds_total": round(earlier_seconds + seconds, 1),
         "hardware": torch.cuda.get_device_name(cluster.device) if cluster.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "slices": len(dataset),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),

@@ -157,3 +157,19 @@ def test_cli_reports_bad_input_without_writing_outputs(tiny_bundle, tmp_path, ca
     assert main(["detect", str(t1), str(not_an_image), "--model", str(tiny_bundle), "--output-map", str(out)]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fp16_weights_in_small_files_give_the_same_maps_and_are_verified(tiny_bundle, tmp_path):
+    from DiffusionAnomalyLib.cli import main as cli
+
+    out = tmp_path / "exported"
+    assert cli(["export", str(tiny_bundle), "--out", str(out), "--fp16", "--max-file-mib", "0.05"]) == 0
+    files = sorted(out.glob("weights-*.safetensors"))
+    assert len(files) > 1 and all(f.stat().st_size <= 0.05 * 2**20 for f in files)
+    arrays, _ = brain_phantom(lesion_centre=(6, 10, 9))
+    original = AnomalyDetector.from_bundle(tiny_bundle, device="cpu").detect(list(arrays))
+    halved = AnomalyDetector.from_bundle(out, device="cpu").detect(list(arrays))
+    np.testing.assert_allclose(halved.anomaly_map, original.anomaly_map, atol=2e-3)
+    files[1].write_bytes(files[1].read_bytes()[:-10])
+    with pytest.raises(BundleError, match="do not match the SHA-256"):
+        load_bundle(out)

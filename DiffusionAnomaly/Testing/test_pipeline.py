@@ -116,6 +116,10 @@ def test_training_resumes_from_its_checkpoint(cohort, tmp_path):
     assert main([*args, "--max-steps", "3", "--resume"]) == 0
     record = load_bundle(model).card.training["diffusion"]
     assert record["steps"] == 3 and record["steps_this_run"] == 1
+    # A run limited in time stops early, checkpointed and unfinished; the next one goes on.
+    assert main([*args, "--max-steps", "1000", "--resume", "--max-minutes", "0.0001"]) == 0
+    record = load_bundle(model).card.training["diffusion"]
+    assert record["steps"] == 4 and not record["finished"] and record["wall_seconds_total"] >= record["wall_seconds_this_run"]
 
 
 def test_classifier_needs_an_existing_diffusion_model(cohort, tmp_path, capsys):
