@@ -87,6 +87,9 @@ class PendingDetection:
     background_node: object
     preview_slice: Optional[int]
     messages: List[str]
+    # How the brain was found: "user" (the user's segmentation), "found" (kept from an
+    # earlier run on the same images and mode) or "" (the detection finds it).
+    brain_origin: str = ""
 
 
 class AnomalySceneLogic:
@@ -97,6 +100,9 @@ class AnomalySceneLogic:
         # The analysed voxels of each map, for re-thresholding (Otsu needs them); a map
         # loaded from disk falls back to its non-zero voxels.
         self._analysed: Dict[str, np.ndarray] = {}
+        # The brain found for a volume, by (volume, its image's modification time, mode): a
+        # preview after a detection does not extract the brain again.
+        self._brains: Dict[Tuple[str, int, str], np.ndarray] = {}
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -128,9 +134,17 @@ class AnomalySceneLogic:
         preview_slice = None
         if preview_ras is not None:
             preview_slice, _ = axial_slice_at(reference, preview_ras)
-        brain = None if brain_segmentation is None else outputs.segment_as_mask(self.scene, brain_segmentation, reference)
+        if brain_segmentation is not None:
+            brain, origin = outputs.segment_as_mask(self.scene, brain_segmentation, reference), "user"
+        else:
+            brain = self._brains.get(self._brain_key(reference, resolved.brain_mask))
+            origin = "found" if brain is not None else ""
         request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, resolved, None if preview_slice is None else [preview_slice], brain)
-        return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages)
+        return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages, origin)
+
+    @staticmethod
+    def _brain_key(reference, mode: str) -> Tuple[str, int, str]:
+        return reference.GetID(), int(reference.GetImageData().GetMTime()) if reference.GetImageData() else 0, mode
 
     # -- 3. apply ----------------------------------------------------------------------------
 
@@ -160,7 +174,7 @@ class AnomalySceneLogic:
             for node in (map_node, segmentation_node):
                 outputs.place_with_input(self.scene, node, reference)
             brain_node = None
-            if pending.request.brain_mask is None:  # a brain the user gave is shown by its own segmentation
+            if pending.brain_origin != "user":  # a brain the user gave is shown by its own segmentation
                 brain_node = self.brain_node(reference) or self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} brain")
                 brain_node.SetAttribute(BRAIN_OF, reference.GetID())
                 outputs.write_segment(self.scene, brain_node, result.brain_mask, reference, outputs.BRAIN_SEGMENT_NAME, outputs.BRAIN_SEGMENT_COLOR)
@@ -176,10 +190,13 @@ class AnomalySceneLogic:
                     self.scene.RemoveNode(self.scene.GetNodeByID(node_id))
             raise
         self._analysed[map_node.GetID()] = result.foreground.astype(bool)
+        if pending.brain_origin != "user":
+            self._brains[self._brain_key(reference, pending.request.settings.brain_mask)] = result.brain_mask.astype(bool)
         self._record(map_node, pending, result)
+        source = "as found by the earlier detection" if pending.brain_origin == "found" else result.brain_source
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),
                                 result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages),
-                                brain_node, result.brain_source)
+                                brain_node, source)
 
     def brain_node(self, reference_node) -> Optional[object]:
         """The segmentation holding the brain outline of ``reference_node``'s detections, if there is one."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -230,3 +231,35 @@ def test_the_segmentation_follows_the_inputs_transform(scene, tmp_path, tiny_bun
     assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, nodes[0])
     anomaly_map = slicer.util.arrayFromVolume(result.map_node)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, anomaly_map > 0.05)
+
+
+@pytest.mark.skipif(not Path("/usr/share/mricron/templates/ch2.nii.gz").is_file() and "MRICRON_TEMPLATES" not in os.environ,
+                    reason="Colin27 comes with Debian's mricron-data")
+def test_the_brain_found_is_shown_as_an_outline_and_kept_for_the_next_preview(scene, tmp_path, tiny_bundle):
+    from DiffusionAnomalyLib import synth
+    from DiffusionAnomalyLib.synth_domains import DOMAINS
+    from DiffusionAnomalyScene import outputs
+    from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun
+    from DiffusionAnomalyScene.volumes import load_volume
+
+    subject = synth.make_subject(3, True, anatomy="colin27", acquisition=DOMAINS["skull"], spacing_mm=3.0)
+    folder = synth.write_subject(subject, tmp_path, sequences=("t1", "flair"))
+    nodes = [load_volume(scene, folder / f"{subject.name}_{s}.nii.gz") for s in ("t1", "flair")]
+    logic = AnomalySceneLogic(scene)
+    run = DetectionRun(logic)
+    run.start(str(tiny_bundle), nodes, DetectionSettings(device="cpu"))
+    full = run.wait(300)
+    assert full.brain_source.startswith("extracted by deepbet")
+    brain = logic.brain_node(nodes[0])
+    assert brain is full.brain_node and brain.GetDisplayNode().GetOpacity2DFill() == 0 and not brain.GetDisplayNode().GetVisibility3D()
+    shown = outputs.segment_as_mask(scene, brain, nodes[0])
+    assert 2 * (shown & subject.brain_mask).sum() / (shown.sum() + subject.brain_mask.sum()) > 0.85, "the outline is the head's brain"
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    nodes[0].GetIJKToRASMatrix(ijk_to_ras)
+    shape = slicer.util.arrayFromVolume(nodes[0]).shape
+    ras = ijk_to_ras.MultiplyPoint([shape[2] / 2, shape[1] / 2, shape[0] / 2, 1.0])[:3]
+    run.start(str(tiny_bundle), nodes, DetectionSettings(device="cpu"), preview_ras=ras)
+    preview = run.wait(120)
+    assert preview.brain_source == "as found by the earlier detection", "a preview does not extract the brain again"
+    assert logic.brain_node(nodes[0]) is brain
