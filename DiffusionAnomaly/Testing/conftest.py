@@ -116,3 +116,17 @@ def oblique_direction(angles=(0.3, -0.2, 0.25)) -> tuple:
     transform = sitk.Euler3DTransform()
     transform.SetRotation(*angles)
     return tuple(transform.GetMatrix())
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene (slicer-core) set up as the desktop application sets up its own, with three slice views."""
+    slicer = pytest.importorskip("slicer", reason="the scene logic needs slicer-core (pip install -e '.[test]')")
+    from DiffusionAnomalyScene.logic import prepare_scene
+
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    prepare_scene(scene)
+    for _ in range(3):  # the red, green and yellow views' layers
+        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    return scene

@@ -17,20 +17,10 @@ from DiffusionAnomalyLib.jobs import ThreadJob  # noqa: E402
 from DiffusionAnomalyLib.process_job import ProcessJob  # noqa: E402
 from DiffusionAnomalyLib.settings import DetectionSettings  # noqa: E402
 from DiffusionAnomalyScene import outputs  # noqa: E402
-from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun, prepare_scene  # noqa: E402
+from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun  # noqa: E402
 from DiffusionAnomalyScene.volumes import axial_slice_at, channel_inputs, guess_channel_volumes, load_volume  # noqa: E402
 
 from conftest import brain_phantom, oblique_direction, write_image  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    prepare_scene(scene)
-    for _ in range(3):  # the red, green and yellow views' layers
-        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    return scene
 
 
 def _study(tmp_path: Path, scene, direction=None, lesion_centre=(6, 10, 9)):

@@ -167,23 +167,11 @@ def test_unsupported_slicers_are_named():
     assert runtime_problem((3, 12), "Windows", "AMD64") is None
 
 
-# -- on Slicer's MRML core ---------------------------------------------------------------------
-
-slicer = pytest.importorskip("slicer", reason="the scene logic needs slicer-core (pip install -e '.[test]')")
-vtk = pytest.importorskip("vtk")
-
-
-@pytest.fixture
-def scene():
-    from DiffusionAnomalyScene.logic import prepare_scene
-
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    prepare_scene(scene)
-    return scene
-
+# -- on Slicer's MRML core (the ``scene`` fixture skips without slicer-core) -------------------
 
 def _volume(scene, name: str, array=None):
+    import slicer
+
     return slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32) if array is None else array, name=name)
 
 
@@ -203,6 +191,9 @@ def test_guesses_keep_the_users_choice_and_a_volume_is_never_used_twice(scene):
 
 
 def test_the_segmentation_follows_the_inputs_transform(scene, tmp_path, tiny_bundle):
+    import slicer
+    import vtk
+
     from DiffusionAnomalyScene import outputs
     from DiffusionAnomalyScene.logic import AnomalySceneLogic, DetectionRun
     from DiffusionAnomalyScene.volumes import load_volume
@@ -236,6 +227,9 @@ def test_the_segmentation_follows_the_inputs_transform(scene, tmp_path, tiny_bun
 @pytest.mark.skipif(not Path("/usr/share/mricron/templates/ch2.nii.gz").is_file() and "MRICRON_TEMPLATES" not in os.environ,
                     reason="Colin27 comes with Debian's mricron-data")
 def test_the_brain_found_is_shown_as_an_outline_and_kept_for_the_next_preview(scene, tmp_path, tiny_bundle):
+    import slicer
+    import vtk
+
     from DiffusionAnomalyLib import synth
     from DiffusionAnomalyLib.synth_domains import DOMAINS
     from DiffusionAnomalyScene import outputs
