@@ -76,7 +76,7 @@ def registerSampleData():
     import SampleData
 
     sums = {}
-    for line in (RESOURCES / "SampleData" / "SHA256SUMS").read_text().splitlines():
+    for line in (RESOURCES / "SampleData" / "SHA256SUMS").read_text(encoding="utf-8").splitlines():
         digest, name = line.split(maxsplit=1)
         sums[name.strip()] = digest
     names = sorted(name for name in sums if name.endswith(".nii.gz") and not name.endswith("_seg.nii.gz"))

@@ -45,7 +45,7 @@ class PeakMemory:
 
     @staticmethod
     def _rss_mib() -> float:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="utf-8") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024.0

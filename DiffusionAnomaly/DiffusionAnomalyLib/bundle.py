@@ -117,7 +117,7 @@ def save_bundle(path: Union[str, Path], card: ModelCard, unet: torch.nn.Module, 
         document = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict()}
         document["weights"] = files[0] if len(files) == 1 else {"files": files}
         document["weights"]["dtype"] = str(dtype).replace("torch.", "")
-        stage(folder / CARD_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        stage(folder / CARD_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     for path_ in stale:
         path_.unlink()
     return folder

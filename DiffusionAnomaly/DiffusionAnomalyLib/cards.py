@@ -45,7 +45,7 @@ def read_card(path: Union[str, Path]) -> dict:
     if not card_path.is_file():
         raise BundleError(f"no model bundle at {folder}: expected a folder with {CARD_FILE} and {WEIGHTS_FILE}")
     try:
-        document = json.loads(card_path.read_text())
+        document = json.loads(card_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{card_path} is not valid JSON ({error}); the bundle is damaged") from error
     if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -81,5 +81,5 @@ def update_card(path: Union[str, Path], card: ModelCard) -> Path:
     card.validate()
     updated = {"format": FORMAT, "format_version": FORMAT_VERSION, **card.to_dict(), "weights": document["weights"]}
     with staged_files() as stage:
-        stage(folder / CARD_FILE).write_text(json.dumps(updated, indent=2) + "\n")
+        stage(folder / CARD_FILE).write_text(json.dumps(updated, indent=2) + "\n", encoding="utf-8")
     return folder

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import __version__
+from .environment import keep_output_readable_on_any_terminal
 from .settings import DEVICES, PRECISIONS, DetectionSettings, parse_threshold
 
 
@@ -437,7 +438,7 @@ def run_evaluate(args) -> None:
         print(f"recorded as '{args.record}' in the card of {args.model}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
 
 
@@ -514,7 +515,7 @@ def run_benchmark(args) -> None:
     report = benchmark(detector, arrays, geometry, paper_slices=paper_slices)
     print(format_benchmark(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def run_synth(args) -> None:
@@ -547,6 +548,7 @@ COMMANDS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    keep_output_readable_on_any_terminal()
     args = build_parser().parse_args(argv)
     from .cards import BundleError
     from .translation import TranslationCancelled

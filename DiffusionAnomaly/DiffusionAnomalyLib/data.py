@@ -90,7 +90,7 @@ def read_subject_csv(path: Union[str, Path], channels: Optional[Sequence[str]] =
     Returns the channel names (the CSV's column order, or ``channels`` if given) and the subjects.
     """
     path = Path(path)
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     if not rows:
         raise ValueError(f"{path} lists no subjects")

@@ -19,6 +19,13 @@ TORCH_REQUIREMENT = "torch>=2.8"
 SUPPORTED_SLICER = "3D Slicer 5.10 or newer"
 
 
+def keep_output_readable_on_any_terminal() -> None:
+    """Escapes what the terminal's encoding cannot show (an ASCII or cp1252 locale) instead of crashing on it."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def _requirement_class():
     try:
         from packaging.requirements import Requirement

@@ -70,12 +70,12 @@ def write_request(request: DetectionRequest, folder: Path) -> Path:
         "geometry": asdict(request.geometry),
         "settings": request.settings.to_dict(),
         "axial_slices": request.axial_slices,
-    }))
+    }), encoding="utf-8")
     return path
 
 
 def read_request(path: Path) -> DetectionRequest:
-    spec = json.loads(Path(path).read_text())
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
     geometry = Geometry(**{k: tuple(v) for k, v in spec["geometry"].items()})
     channels = [np.load(Path(path).parent / name) for name in spec["channels"]]
     brain_mask = np.load(Path(path).parent / spec["brain_mask"]) if spec.get("brain_mask") else None
@@ -221,7 +221,7 @@ class ProcessJob(DetectionJob):
         from .detector import DetectionResult
         from .preprocessing import IntensityScale
 
-        summary = json.loads((self._folder / "result.json").read_text())
+        summary = json.loads((self._folder / "result.json").read_text(encoding="utf-8"))
         arrays = {name: np.load(self._folder / f"{name}.npy") for name in RESULT_ARRAYS}
         healthy = [np.load(self._folder / name) for name in summary.pop("healthy")]
         geometry = Geometry(**{k: tuple(v) for k, v in summary.pop("geometry").items()})
@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "settings": result.settings.to_dict(),
             "geometry": asdict(result.geometry),
             "healthy": healthy,
-        }))
+        }), encoding="utf-8")
     except Exception as error:
         print(f"error {' '.join(str(error).split()) or type(error).__name__}", flush=True)
         return 1

@@ -52,7 +52,7 @@ def sample_study() -> Path:
 def verify_sample() -> None:
     """Checks the sample files against ``SampleData/SHA256SUMS``."""
     sums = _require(SAMPLE_DATA / "SHA256SUMS", "sample checksum list")
-    for line in sums.read_text().splitlines():
+    for line in sums.read_text(encoding="utf-8").splitlines():
         expected, name = line.split(maxsplit=1)
         path = _require(SAMPLE_DATA / name.strip(), f"sample file {name.strip()}")
         if hashlib.sha256(path.read_bytes()).hexdigest() != expected:

@@ -71,7 +71,7 @@ MAX_CHANNELS = 4
 
 def heat_gradient() -> str:
     """A CSS gradient of the map's colour table (the one the views use), for the legend in the panel."""
-    rows = [line.split() for line in outputs.HEAT_COLOR_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    rows = [line.split() for line in outputs.HEAT_COLOR_FILE.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
     picks = [rows[round(i * (len(rows) - 1) / (LEGEND_STOPS - 1))] for i in range(LEGEND_STOPS)]
     return "linear-gradient(to right, " + ", ".join(f"rgb({r[2]}, {r[3]}, {r[4]})" for r in picks) + ")"
 

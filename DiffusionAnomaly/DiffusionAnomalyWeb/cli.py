@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from DiffusionAnomalyLib.environment import keep_output_readable_on_any_terminal
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-anomaly-web", description="Diffusion Anomaly in web browsers: one private session per browser.")
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    keep_output_readable_on_any_terminal()
     args = build_parser().parse_args(argv)
     problems = [f"{name} must be at least 1" for name, value in (("--max-sessions", args.max_sessions), ("--sessions-per-client", args.sessions_per_client)) if value < 1]
     if not 1 <= args.port <= 65535:

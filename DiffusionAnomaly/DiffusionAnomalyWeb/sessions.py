@@ -145,6 +145,7 @@ class SessionServer:
                 async with self._client.get(f"{session.url}/api/status", headers={SECRET_HEADER: session.secret}) as response:
                     if response.status == 200:
                         session.started = True
+                        session.last_seen = time.monotonic()  # idle from now, not from the start of a slow start
                         session.output.clear()
                         self.sessions[session_id] = session
                         log.info("session on port %d started", port)

@@ -96,7 +96,7 @@ def test_truncated_weights_fail_the_checksum(tiny_bundle):
 
 
 def test_corrupt_card_is_reported(tiny_bundle):
-    (tiny_bundle / "card.json").write_text("{not json")
+    (tiny_bundle / "card.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tiny_bundle)
 
@@ -105,22 +105,22 @@ def test_weights_that_do_not_fit_the_card_are_reported(tiny_bundle, tmp_path):
     other = tiny_card(channels=("T1",))
     foreign = save_bundle(tmp_path / "other", other, build_unet(other))
     shutil.copy(foreign / "weights.safetensors", tiny_bundle / "weights.safetensors")
-    card = json.loads((tiny_bundle / "card.json").read_text())
-    card["weights"]["sha256"] = json.loads((foreign / "card.json").read_text())["weights"]["sha256"]
-    (tiny_bundle / "card.json").write_text(json.dumps(card))
+    card = json.loads((tiny_bundle / "card.json").read_text(encoding="utf-8"))
+    card["weights"]["sha256"] = json.loads((foreign / "card.json").read_text(encoding="utf-8"))["weights"]["sha256"]
+    (tiny_bundle / "card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(BundleError, match="do not fit the architecture"):
         load_bundle(tiny_bundle)
 
 
 def test_unknown_card_fields_and_versions_are_reported(tiny_bundle):
-    card = json.loads((tiny_bundle / "card.json").read_text())
+    card = json.loads((tiny_bundle / "card.json").read_text(encoding="utf-8"))
     card["format_version"] = 99
-    (tiny_bundle / "card.json").write_text(json.dumps(card))
+    (tiny_bundle / "card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(BundleError, match="format version 99"):
         load_bundle(tiny_bundle)
     card["format_version"] = 1
     card["unet"]["wings"] = 2
-    (tiny_bundle / "card.json").write_text(json.dumps(card))
+    (tiny_bundle / "card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(BundleError, match="unknown field.*wings"):
         load_bundle(tiny_bundle)
 
@@ -150,7 +150,7 @@ def test_cli_reports_bad_input_without_writing_outputs(tiny_bundle, tmp_path, ca
     arrays, _ = brain_phantom()
     t1 = write_image(arrays[0], tmp_path / "t1.nii.gz")
     not_an_image = tmp_path / "flair.nii.gz"
-    not_an_image.write_text("hello")
+    not_an_image.write_text("hello", encoding="utf-8")
     out = tmp_path / "map.nii.gz"
     assert main(["detect", str(t1), "--model", str(tiny_bundle), "--output-map", str(out)]) == 2
     assert "expects 2 input volume(s), in the order T1, FLAIR" in capsys.readouterr().err

@@ -43,9 +43,9 @@ def _bad_input_kinds(paths, out, tmp_path):
     data[5, 5, 5] = np.nan
     nibabel.save(nibabel.Nifti1Image(np.transpose(data, (2, 1, 0)), np.eye(4)), str(nan_nifti))
     not_an_image = tmp_path / "inputs" / "report.nii.gz"
-    not_an_image.write_text("a radiology report")
+    not_an_image.write_text("a radiology report", encoding="utf-8")
     a_file = out / "a_file"
-    a_file.write_text("x")
+    a_file.write_text("x", encoding="utf-8")
     link = out / "link_to_flair.nii.gz"
     link.symlink_to(flair)
     good = ["--output-map", out / "map.nii.gz"]
@@ -131,3 +131,15 @@ def test_four_2d_channels_give_2d_outputs_on_the_input_grid(tmp_path):
     assert written.GetDimension() == 2 and written.GetSize() == reference.GetSize()
     assert written.GetSpacing() == pytest.approx(reference.GetSpacing()) and written.GetOrigin() == pytest.approx(reference.GetOrigin())
     assert sitk.GetArrayFromImage(written).max() > 0
+
+
+@pytest.mark.parametrize("command", [["diffusion-anomaly", "detect", "--help"], ["diffusion-anomaly-web", "--help"]])
+def test_help_prints_on_an_ascii_terminal(command):
+    """A server or CI runner with the C locale: the help, with symbols such as s·t/L, still prints."""
+    import os
+    import subprocess
+
+    ascii_terminal = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    shown = subprocess.run(command, capture_output=True, env=ascii_terminal, timeout=120)
+    assert shown.returncode == 0, shown.stderr.decode(errors="replace")[-500:]
+    assert b"usage:" in shown.stdout

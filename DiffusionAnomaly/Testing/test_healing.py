@@ -54,7 +54,7 @@ def test_evaluate_reports_healing_by_lesion_size_and_the_classifier_by_noise_lev
     report_path = tmp_path / "report.json"
     assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(tmp_path / "data"), "--json", str(report_path),
                  "--reconstruction-baseline", "--device", "cpu"]) == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     diseased = [row for row in report["subjects"] if not row["healthy"]]
     assert diseased and all(row["size_group"] in ("small", "medium", "large") and row["contrast_removed"] is not None for row in diseased)
     assert all(row["healthy_error"] is not None and row["reconstruction_healthy_error"] is not None for row in report["subjects"])

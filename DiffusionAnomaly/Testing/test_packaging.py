@@ -13,7 +13,7 @@ SCENE = MODULE_DIR / "DiffusionAnomalyScene"
 
 
 def _cmake_list(variable: str) -> set:
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(rf"set\({variable}\n(.*?)\n\s*\)", cmake, flags=re.DOTALL)
     assert block, f"CMakeLists.txt has no set({variable} ...)"
     return {line.strip() for line in block.group(1).splitlines() if line.strip() and not line.strip().startswith("#")}
@@ -38,10 +38,10 @@ def test_cmake_lists_every_resource():
 
 
 def test_cmake_registers_the_module_self_test():
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in cmake
     assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", cmake)
-    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     for setting in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({setting} "[^"]+"\)', top), setting
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top
@@ -50,7 +50,7 @@ def test_cmake_registers_the_module_self_test():
 
 def _imported_roots(path: Path) -> set:
     roots = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -78,14 +78,14 @@ def test_the_engine_command_line_has_no_web_command():
 
 
 def test_module_logic_class_uses_no_qt():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     logic = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "DiffusionAnomalyLogic")
     qt_uses = [node.lineno for node in ast.walk(logic) if isinstance(node, ast.Name) and node.id in {"qt", "ctk"}]
     assert not qt_uses, f"DiffusionAnomalyLogic uses Qt on lines {qt_uses}"
 
 
 def test_module_follows_the_scripted_module_template():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     classes = {node.name: [base.id if isinstance(base, ast.Name) else getattr(base, "attr", "") for base in node.bases]
                for node in tree.body if isinstance(node, ast.ClassDef)}
     assert "ScriptedLoadableModule" in classes["DiffusionAnomaly"]
@@ -97,7 +97,7 @@ def test_module_follows_the_scripted_module_template():
 
 def test_module_and_engine_parse_as_python_3_9_for_older_slicer_releases():
     for path in [MODULE_FILE, *ENGINE.glob("*.py"), *SCENE.glob("*.py")]:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         ast.parse(source, filename=str(path), feature_version=(3, 9))
         if path != MODULE_FILE and ("|" in source or "list[" in source or "dict[" in source):
             assert "from __future__ import annotations" in source, f"{path.name} needs postponed annotations on 3.9"

@@ -55,14 +55,14 @@ def _string_property(widget, name: str):
 
 
 def _ui_names_used_by_module() -> set:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     return {node.attr for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
             and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
 
 
 def _parameter_fields() -> dict:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DiffusionAnomalyParameterNode")
     fields = {}
     for statement in wrapper.body:
@@ -138,7 +138,7 @@ ENGINE_NAMES = {"noiseLevel": "noise_level", "guidanceScale": "guidance_scale", 
 
 
 def _parameter_ranges() -> dict:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DiffusionAnomalyParameterNode")
     ranges = {}
     for statement in wrapper.body:

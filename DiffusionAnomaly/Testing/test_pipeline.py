@@ -39,7 +39,7 @@ def test_brats_folder_and_csv_give_the_same_subjects_and_slice_labels(cohort, tm
     assert all(s.mask is not None and s.channels[1].name.endswith("_flair.nii.gz") for s in subjects)
 
     table = tmp_path / "subjects.csv"
-    with open(table, "w", newline="") as stream:
+    with open(table, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["subject", "T1", "FLAIR", "mask"])
         for s in subjects:
@@ -82,7 +82,7 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "4", "--noise-level", "0.1"]) == 0
     printed = capsys.readouterr().out
     assert "pooled" in printed and "slice-level classifier AUROC" in printed
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["counts"] == {"subjects": 6, "healthy_subjects": 2, "slices": report["counts"]["slices"], "diseased_slices": report["counts"]["diseased_slices"]}
     for key in ("dice", "auroc", "auprc", "slice_auroc"):
         assert 0.0 <= report["pooled"][key] <= 1.0
@@ -91,7 +91,7 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     # A quick sweep: every second slice, more thresholds scored from the same maps.
     assert main(["evaluate", "--model", str(model), "--data", str(cohort), "--json", str(report_path), "--steps", "4",
                  "--noise-level", "0.1", "--slice-step", "2", "--also-thresholds", "calibrated,otsu,0.05,1000", "--record", "quick"]) == 0
-    sweep = json.loads(report_path.read_text())
+    sweep = json.loads(report_path.read_text(encoding="utf-8"))
     assert sweep["settings"]["slice_step"] == 2
     assert sum(row["lesion_voxels"] for row in sweep["subjects"]) < sum(row["lesion_voxels"] for row in report["subjects"])
     assert sweep["thresholds"]["calibrated"]["pooled_dice"] == pytest.approx(sweep["pooled"]["dice"]), "the default threshold is the calibrated one"

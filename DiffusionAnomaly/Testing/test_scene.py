@@ -252,7 +252,7 @@ def test_missing_channels_and_other_grids(scene, tmp_path):
 
 def test_unreadable_file_is_refused_and_leaves_no_node(scene, tmp_path):
     bad = tmp_path / "notes.nii.gz"
-    bad.write_text("not an image")
+    bad.write_text("not an image", encoding="utf-8")
     before = _node_ids(scene)
     with pytest.raises(ValueError, match="cannot read notes.nii.gz"):
         load_volume(scene, bad)

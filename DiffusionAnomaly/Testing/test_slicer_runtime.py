@@ -40,7 +40,7 @@ LAUNCHER = textwrap.dedent("""
 @pytest.fixture
 def launcher(tmp_path: Path) -> list:
     script = tmp_path / "PythonSlicer.py"
-    script.write_text(LAUNCHER)
+    script.write_text(LAUNCHER, encoding="utf-8")
     return [sys.executable, str(script)]
 
 
@@ -54,7 +54,7 @@ def _children(pid: int) -> list:
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
@@ -64,7 +64,7 @@ def _children(pid: int) -> list:
 
 def _running(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state != "Z"
@@ -104,7 +104,7 @@ def test_the_detection_stops_when_the_application_that_started_it_is_gone(tiny_b
         job = ProcessJob(_long_request(Path({str(tiny_bundle)!r})), python={launcher!r})
         print(job.pid, flush=True)
         time.sleep(600)
-    """))
+    """), encoding="utf-8")
     application = subprocess.Popen([sys.executable, str(request_script)], stdout=subprocess.PIPE, text=True)
     launcher_pid = int(application.stdout.readline())
     assert _wait_until(lambda: len(_children(launcher_pid)) == 1, 60)

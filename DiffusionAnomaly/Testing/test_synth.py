@@ -198,7 +198,7 @@ def test_write_subject_round_trip(diseased_subjects, tmp_path):
 
 def test_synthesize_dataset_layout(tmp_path):
     calls = []
-    (tmp_path / "keep.txt").write_text("unrelated")
+    (tmp_path / "keep.txt").write_text("unrelated", encoding="utf-8")
     folders = synth.synthesize_dataset(
         tmp_path,
         3,
@@ -209,7 +209,7 @@ def test_synthesize_dataset_layout(tmp_path):
     )
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert [folder.name for folder in folders] == ["synth_5_0000", "synth_5_0001", "synth_5_0002"]
-    assert (tmp_path / "keep.txt").read_text() == "unrelated"
+    assert (tmp_path / "keep.txt").read_text(encoding="utf-8") == "unrelated"
     healthy_count = 0
     for folder in folders:
         files = sorted(path.name for path in folder.iterdir())

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -250,7 +251,7 @@ def test_bad_uploads_show_an_error_and_sessions_are_separate(server, browser, tm
     _wait_for(lambda: len(_status(first, server)["volumes"]) == 4, 30, "the sample in the first session")
 
     not_an_image = tmp_path / f"{PATIENT_NAME}_report.nii.gz"
-    not_an_image.write_text("a radiology report, not an image")
+    not_an_image.write_text("a radiology report, not an image", encoding="utf-8")
     second.locator("#upload").set_input_files(str(not_an_image))
     expect(second.locator("#error")).to_contain_text(f"{PATIENT_NAME}_report (unreadable as an image volume)", timeout=30_000)
     assert _status(second, server)["volumes"] == []
@@ -292,24 +293,43 @@ def test_sessions_start_only_on_request_and_answer_only_the_front_server(server)
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         return opener, opener.open(urllib.request.Request(f"{server}/session", data=b"", method="POST"), timeout=240)
 
-    first, landed = start_session()
-    assert landed.status == 200 and _health(server)["sessions"] == before + 1
-    assert first.open(f"{server}/api/status", timeout=30).status == 200, "the front server forwards with the secret"
-    second, _ = start_session()
-    with pytest.raises(urllib.error.HTTPError) as limited:
-        start_session()
-    assert limited.value.code == 429 and "already has 2 session(s)" in limited.value.read().decode()
-    assert _health(server)["sessions"] == before + 2
+    # Pages a user keeps open: touched more often than the server's idle time, however slow the starts are.
+    open_pages, closing = [], threading.Event()
 
-    ports = _session_ports()
-    assert len(ports) == before + 2
-    for port in ports:  # what anyone with a shell on the server could try
-        for headers in ({}, {"X-Diffusion-Anomaly-Session": "guess"}):
-            with pytest.raises(urllib.error.HTTPError) as direct:
-                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers=headers), timeout=10)
-            assert direct.value.code == 403
-        with pytest.raises(urllib.error.HTTPError) as socket_refused:
-            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/ws", headers={
-                "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}), timeout=10)
-        assert socket_refused.value.code == 403
+    def keep_pages_open():
+        while not closing.wait(1.0):
+            for page in list(open_pages):
+                try:
+                    page.open(f"{server}/api/status", timeout=10).close()
+                except OSError:
+                    pass
+
+    toucher = threading.Thread(target=keep_pages_open, daemon=True)
+    first, landed = start_session()
+    open_pages.append(first)
+    toucher.start()
+    try:
+        assert landed.status == 200 and _health(server)["sessions"] == before + 1
+        assert first.open(f"{server}/api/status", timeout=30).status == 200, "the front server forwards with the secret"
+        second, _ = start_session()
+        open_pages.append(second)
+        with pytest.raises(urllib.error.HTTPError) as limited:
+            start_session()
+        assert limited.value.code == 429 and "already has 2 session(s)" in limited.value.read().decode()
+        assert _health(server)["sessions"] == before + 2
+
+        ports = _session_ports()
+        assert len(ports) == before + 2
+        for port in ports:  # what anyone with a shell on the server could try
+            for headers in ({}, {"X-Diffusion-Anomaly-Session": "guess"}):
+                with pytest.raises(urllib.error.HTTPError) as direct:
+                    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers=headers), timeout=10)
+                assert direct.value.code == 403
+            with pytest.raises(urllib.error.HTTPError) as socket_refused:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/ws", headers={
+                    "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}), timeout=10)
+            assert socket_refused.value.code == 403
+    finally:
+        closing.set()
+        toucher.join()
     _wait_for(lambda: _health(server)["sessions"] == before, 60, "unused sessions to stop")
