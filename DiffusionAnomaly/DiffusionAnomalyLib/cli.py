@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slice-step", type=int, default=1, help="score every N-th axial slice only (quick sweeps)")
     evaluate.add_argument("--also-thresholds", type=lambda v: [_threshold_value(x) for x in v.split(",")], default=[],
                           help="comma-separated thresholds ('calibrated', 'otsu' or values) also scored from the same maps")
+    evaluate.add_argument("--region", choices=("whole", "core", "enhancing"), default="whole",
+                          help="BraTS region scored as the lesion: the whole tumour (every label), its core (labels 1, 3, 4: what a "
+                               "post-contrast T1 shows) or the enhancing part (3, 4)")
     evaluate.add_argument("--reconstruction-baseline", action="store_true",
                           help="also translate without guidance, to compare the healthy-tissue error with a plain reconstruction")
     _add_detection_options(evaluate)
@@ -414,7 +417,7 @@ def run_evaluate(args) -> None:
     try:
         report = evaluate_subjects(
             detector, subjects, slice_step=args.slice_step, extra_thresholds=args.also_thresholds, settings=settings,
-            reconstruction_baseline=args.reconstruction_baseline, progress=bar
+            reconstruction_baseline=args.reconstruction_baseline, region=args.region, progress=bar
         )
     finally:
         bar.close()

@@ -1,7 +1,8 @@
 """Scoring anomaly maps against lesion masks, per subject and pooled over a cohort.
 
 Voxel metrics are computed inside each subject's foreground (the brain): Dice of the
-thresholded map against the whole lesion (mask > 0), pixel AUROC and AUPRC of the map,
+thresholded map against the lesion (the whole tumour, mask > 0, or one of its BraTS regions),
+pixel AUROC and AUPRC of the map,
 and the false-positive area on healthy slices (slices without any lesion voxel). Where the
 data has each subject's image from before the lesion (synthetic data), the healing of the
 translation is measured too (``healing.py``), and every figure is broken down by lesion
@@ -119,6 +120,19 @@ class _ThresholdTally:
         }
 
 
+# BraTS regions scored as "the lesion", by label (2021: 1 necrosis, 2 oedema, 4 enhancing;
+# 2023: 3 enhancing). A post-contrast T1 shows the core, not the oedema around it.
+LESION_REGIONS: Dict[str, Optional[Tuple[int, ...]]] = {"whole": None, "core": (1, 3, 4), "enhancing": (3, 4)}
+
+
+def lesion_region(mask: np.ndarray, region: str = "whole") -> np.ndarray:
+    """The voxels of a BraTS label map that belong to ``region`` (see ``LESION_REGIONS``)."""
+    if region not in LESION_REGIONS:
+        raise ValueError(f"unknown lesion region '{region}': use one of {', '.join(LESION_REGIONS)}")
+    labels = LESION_REGIONS[region]
+    return mask > 0 if labels is None else np.isin(mask, labels)
+
+
 def evaluate_subjects(
     detector: AnomalyDetector,
     subjects: Sequence[Subject],
@@ -127,6 +141,7 @@ def evaluate_subjects(
     extra_thresholds: Sequence[Threshold] = (),
     settings: Optional[DetectionSettings] = None,
     reconstruction_baseline: bool = False,
+    region: str = "whole",
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, object]:
@@ -140,6 +155,8 @@ def evaluate_subjects(
         settings: the detection settings (the card's defaults where ``None``).
         reconstruction_baseline: also translate without guidance (a plain DDIM reconstruction),
             whose error on healthy tissue is what the healing translation should stay near.
+        region: the part of the tumour scored as the lesion (``LESION_REGIONS``); a subject
+            is healthy only without any lesion label, and its size group is that of the whole lesion.
     """
     settings = (settings or DetectionSettings()).resolve(detector.card)
     rng = np.random.default_rng(seed)
@@ -156,7 +173,7 @@ def evaluate_subjects(
         result = detector.detect(list(arrays), geometry, settings, axial_slices=chosen if slice_step > 1 else None)
         lesion = (mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)
         healthy_subject = not lesion.any()
-        truth = lesion & evaluated
+        truth = (lesion_region(mask_array, region) if mask_array is not None else lesion) & evaluated
         foreground = result.foreground.astype(bool) & evaluated
         prediction = result.mask.astype(bool) & evaluated
         lesion_ml = float(lesion.sum()) * float(np.prod(geometry.as_3d().spacing)) / 1000.0
@@ -168,7 +185,7 @@ def evaluate_subjects(
             "lesion_voxels": int(truth.sum()),
             "dice": dice_score(prediction, truth) if truth.any() else None,
             **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
-            "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, truth, foreground, geometry.direction),
+            "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, lesion & evaluated, foreground, geometry.direction),
             "threshold": result.threshold,
             "calibrated_threshold": result.calibrated_threshold,
             "seconds": round(result.seconds, 2),
@@ -225,7 +242,7 @@ def evaluate_subjects(
         "healthy_subjects_fp_percent": tally.summary()["healthy_subjects_fp_percent"],
         "thresholds": {name: t.summary() for name, t in extra.items()},
         "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int(labels.sum())},
-        "settings": {"slice_step": slice_step, **settings.to_dict()},
+        "settings": {"slice_step": slice_step, "region": region, **settings.to_dict()},
     }
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("nilearn")
 from DiffusionAnomalyLib import synth  # noqa: E402
 from DiffusionAnomalyLib.cli import main  # noqa: E402
 from DiffusionAnomalyLib.data import find_brats_subjects  # noqa: E402
+from DiffusionAnomalyLib.evaluation import lesion_region  # noqa: E402
 from DiffusionAnomalyLib.healing import healing_scores, size_group  # noqa: E402
 from DiffusionAnomalyLib.preprocessing import IntensityScale  # noqa: E402
 
@@ -60,3 +61,23 @@ def test_evaluate_reports_healing_by_lesion_size_and_the_classifier_by_noise_lev
     assert all(row["healthy_error"] is not None and row["reconstruction_healthy_error"] is not None for row in report["subjects"])
     assert sum(group["subjects"] for group in report["by_lesion_size"].values()) == len(diseased)
     assert set(report["classifier_auroc_by_t"]) == {"0", "100", "250", "500", "750"}
+
+
+def test_a_post_contrast_model_can_be_scored_on_the_tumour_core(tmp_path, tiny_bundle):
+    labels = np.array([0, 1, 2, 3, 4])
+    assert lesion_region(labels, "whole").tolist() == [False, True, True, True, True]
+    assert lesion_region(labels, "core").tolist() == [False, True, False, True, True]  # oedema (2) is not core
+    assert lesion_region(labels, "enhancing").tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="unknown lesion region 'edema'"):
+        lesion_region(labels, "edema")
+    synth.synthesize_dataset(tmp_path / "data", 2, seed=9, healthy_fraction=0.0, spacing_mm=4.0)
+    voxels = {}
+    for region in ("whole", "core"):
+        report_path = tmp_path / f"{region}.json"
+        assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(tmp_path / "data"), "--region", region,
+                     "--json", str(report_path), "--device", "cpu"]) == 0
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        assert report["settings"]["region"] == region
+        voxels[region] = [row["lesion_voxels"] for row in report["subjects"]]
+        assert not any(row["healthy"] for row in report["subjects"]), "a tumour with oedema is a diseased subject whatever is scored"
+    assert all(0 < core < whole for core, whole in zip(voxels["core"], voxels["whole"]))
