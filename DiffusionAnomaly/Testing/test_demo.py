@@ -24,6 +24,34 @@ def test_bundled_model_loads_verified_and_documents_itself():
     assert weights.stat().st_size < 25 * 2**20
 
 
+def test_every_bundled_model_is_verified_documented_and_small_enough_to_ship():
+    models = resources.bundled_models()
+    assert list(models)[0] == resources.DEFAULT_MODEL_NAME
+    total_bytes = 0
+    for name, folder in models.items():
+        card = load_bundle(folder).card  # checks the weights against the card's SHA-256
+        assert card.name == name and (folder / "MODEL_CARD.md").is_file(), name
+        assert {"diffusion", "classifier"} <= set(card.training) and "test_default" in card.metrics, name
+        total_bytes += sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert total_bytes <= 80 * 10**6
+
+
+def test_a_flair_alone_gets_the_bundled_flair_model_which_finds_the_tumour(tmp_path, capsys):
+    model, order = resources.model_for_sequences(["FLAIR"])
+    assert load_bundle(model).card.channels == ("FLAIR",) and order == [0]
+    source = resources.sample_channels()[resources.SAMPLE_CHANNEL_SUFFIXES.index("flair")]
+    study = tmp_path / "study_FLAIR.nii.gz"
+    shutil.copy(source, study)
+    assert main(["detect", str(study), "--output-map", str(tmp_path / "map.nii.gz"), "--steps", "6", "--device", "cpu"]) == 0
+    assert f"model {model.name} (FLAIR)" in capsys.readouterr().out
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "map.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask()))) > 0
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(source))) > 0
+    assert values[truth].mean() > 2 * values[brain & ~truth].mean()
+    with pytest.raises(ValueError, match="no model fits the sequences given \\(T1ce\\)"):
+        resources.model_for_sequences(["T1ce"])
+
+
 def test_sample_study_matches_its_checksums():
     resources.verify_sample()
     images = [sitk.ReadImage(str(p)) for p in resources.sample_channels()]
