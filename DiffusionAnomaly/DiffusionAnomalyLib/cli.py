@@ -484,6 +484,9 @@ def run_export(args) -> None:
 
     if args.out.resolve() == args.model.resolve():
         raise ValueError("export writes a new bundle: give --out another folder than the model's")
+    if args.out.exists() and not (args.out.is_dir() and (not any(args.out.iterdir()) or (args.out / "card.json").is_file())):
+        raise ValueError(f"--out {args.out} is not an empty folder or a model bundle: export replaces a bundle's files, "
+                         "so give a new folder")
     if args.max_file_mib is not None and not args.max_file_mib > 0:
         raise ValueError(f"--max-file-mib must be positive, got {args.max_file_mib}")
     bundle = load_bundle(args.model)

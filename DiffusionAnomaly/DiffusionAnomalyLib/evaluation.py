@@ -1,13 +1,13 @@
 """Scoring anomaly maps against lesion masks, per subject and pooled over a cohort.
 
 Voxel metrics are computed inside each subject's foreground (the brain): Dice of the
-thresholded map against the lesion (the whole tumour, mask > 0, or one of its BraTS regions),
-pixel AUROC and AUPRC of the map,
-and the false-positive area on healthy slices (slices without any lesion voxel). Where the
-data has each subject's image from before the lesion (synthetic data), the healing of the
-translation is measured too (``healing.py``), and every figure is broken down by lesion
-size. The classifier is scored at the slice level: AUROC of p(diseased | x_t, t) at several
-noise levels t, since its gradient at every t of the decoding does the healing.
+thresholded map against the lesion (the whole tumour, mask > 0, or one of its BraTS
+regions), pixel AUROC and AUPRC of the map, and the false-positive area on healthy slices
+(slices without any lesion voxel). Where the data has each subject's image from before the
+lesion (synthetic data), the healing of the translation is measured too (``healing.py``),
+and every figure is broken down by lesion size. The classifier is scored at the slice
+level: AUROC of p(diseased | x_t, t) at several noise levels t, since its gradient at every
+t of the decoding does the healing.
 """
 
 from __future__ import annotations
@@ -125,10 +125,14 @@ class _ThresholdTally:
 LESION_REGIONS: Dict[str, Optional[Tuple[int, ...]]] = {"whole": None, "core": (1, 3, 4), "enhancing": (3, 4)}
 
 
-def lesion_region(mask: np.ndarray, region: str = "whole") -> np.ndarray:
-    """The voxels of a BraTS label map that belong to ``region`` (see ``LESION_REGIONS``)."""
+def _check_region(region: str) -> None:
     if region not in LESION_REGIONS:
         raise ValueError(f"unknown lesion region '{region}': use one of {', '.join(LESION_REGIONS)}")
+
+
+def lesion_region(mask: np.ndarray, region: str = "whole") -> np.ndarray:
+    """The voxels of a BraTS label map that belong to ``region`` (see ``LESION_REGIONS``)."""
+    _check_region(region)
     labels = LESION_REGIONS[region]
     return mask > 0 if labels is None else np.isin(mask, labels)
 
@@ -158,6 +162,7 @@ def evaluate_subjects(
         region: the part of the tumour scored as the lesion (``LESION_REGIONS``); a subject
             is healthy only without any lesion label, and its size group is that of the whole lesion.
     """
+    _check_region(region)  # before any work
     settings = (settings or DetectionSettings()).resolve(detector.card)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)

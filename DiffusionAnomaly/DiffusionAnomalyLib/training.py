@@ -108,8 +108,8 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
-    def any(self, flag: bool) -> bool:
-        """True on every process when it is true on the first one."""
+    def decided_by_first(self, flag: bool) -> bool:
+        """The first process's ``flag``, on every process."""
         if self.world_size == 1:
             return flag
         tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -223,7 +223,7 @@ def run_training(
         bar.update(1)
         bar.set_postfix(loss=f"{running_loss:.4f}")
         # Every process stops at the same step: the first one decides and tells the others.
-        out_of_time = settings.max_seconds is not None and cluster.any(time.perf_counter() - started > settings.max_seconds)
+        out_of_time = settings.max_seconds is not None and cluster.decided_by_first(time.perf_counter() - started > settings.max_seconds)
         if step % settings.checkpoint_every == 0 or step == settings.max_steps or out_of_time:
             save_checkpoint()
     bar.close()

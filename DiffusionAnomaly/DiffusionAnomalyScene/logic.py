@@ -90,6 +90,7 @@ class PendingDetection:
     # How the brain was found: "user" (the user's segmentation), "found" (kept from an
     # earlier run on the same images and mode) or "" (the detection finds it).
     brain_origin: str = ""
+    brain_key: Tuple = ()
 
 
 class AnomalySceneLogic:
@@ -100,9 +101,10 @@ class AnomalySceneLogic:
         # The analysed voxels of each map, for re-thresholding (Otsu needs them); a map
         # loaded from disk falls back to its non-zero voxels.
         self._analysed: Dict[str, np.ndarray] = {}
-        # The brain found for a volume, by (volume, its image's modification time, mode): a
-        # preview after a detection does not extract the brain again.
-        self._brains: Dict[Tuple[str, int, str], np.ndarray] = {}
+        # The brain found for a set of input volumes, by (their IDs and modification times,
+        # mode): a preview after a detection does not extract the brain again; an edit of any
+        # input (new modification time) makes it be found anew.
+        self._brains: Dict[Tuple, np.ndarray] = {}
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -134,17 +136,27 @@ class AnomalySceneLogic:
         preview_slice = None
         if preview_ras is not None:
             preview_slice, _ = axial_slice_at(reference, preview_ras)
+        brain_key = self._brain_key(volume_nodes, resolved.brain_mask)
         if brain_segmentation is not None:
             brain, origin = outputs.segment_as_mask(self.scene, brain_segmentation, reference), "user"
         else:
-            brain = self._brains.get(self._brain_key(reference, resolved.brain_mask))
+            brain = self._brains.get(brain_key)
             origin = "found" if brain is not None else ""
         request = DetectionRequest(str(model), inputs.arrays, inputs.geometry, resolved, None if preview_slice is None else [preview_slice], brain)
-        return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages, origin)
+        return PendingDetection(request, card, reference, background_volume(card, volume_nodes), preview_slice, inputs.messages,
+                                origin, brain_key)
 
     @staticmethod
-    def _brain_key(reference, mode: str) -> Tuple[str, int, str]:
-        return reference.GetID(), int(reference.GetImageData().GetMTime()) if reference.GetImageData() else 0, mode
+    def _brain_key(volume_nodes, mode: str) -> Tuple:
+        """The inputs (the brain may be found on any channel) as they are now, and the brain mode."""
+        return tuple((node.GetID(), node.GetImageData().GetMTime() if node.GetImageData() else 0) for node in volume_nodes), mode
+
+    def _keep_brain(self, key: Tuple, brain: np.ndarray) -> None:
+        """Keeps the brain found for ``key``, dropping those of earlier versions of the same inputs."""
+        node_ids = [node_id for node_id, _ in key[0]]
+        for stale in [k for k in self._brains if k[1] == key[1] and [node_id for node_id, _ in k[0]] == node_ids]:
+            del self._brains[stale]
+        self._brains[key] = brain
 
     # -- 3. apply ----------------------------------------------------------------------------
 
@@ -191,7 +203,7 @@ class AnomalySceneLogic:
             raise
         self._analysed[map_node.GetID()] = result.foreground.astype(bool)
         if pending.brain_origin != "user":
-            self._brains[self._brain_key(reference, pending.request.settings.brain_mask)] = result.brain_mask.astype(bool)
+            self._keep_brain(pending.brain_key, result.brain_mask.astype(bool))
         self._record(map_node, pending, result)
         source = "as found by the earlier detection" if pending.brain_origin == "found" else result.brain_source
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),

@@ -173,3 +173,16 @@ def test_fp16_weights_in_small_files_give_the_same_maps_and_are_verified(tiny_bu
     files[1].write_bytes(files[1].read_bytes()[:-10])
     with pytest.raises(BundleError, match="do not match the SHA-256"):
         load_bundle(out)
+
+
+def test_export_never_writes_into_a_folder_of_other_files(tiny_bundle, tmp_path, capsys):
+    from DiffusionAnomalyLib.cli import main as cli
+
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "weights-report.safetensors").write_bytes(b"someone else's file")
+    assert cli(["export", str(tiny_bundle), "--out", str(documents), "--fp16"]) == 2
+    assert "is not an empty folder or a model bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in documents.iterdir()) == ["weights-report.safetensors"]
+    assert cli(["export", str(tiny_bundle), "--out", str(tmp_path / "new"), "--fp16"]) == 0
+    assert cli(["export", str(tiny_bundle), "--out", str(tmp_path / "new")]) == 0, "an earlier export is replaced"

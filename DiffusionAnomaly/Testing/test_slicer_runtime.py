@@ -257,3 +257,7 @@ def test_the_brain_found_is_shown_as_an_outline_and_kept_for_the_next_preview(sc
     preview = run.wait(120)
     assert preview.brain_source == "as found by the earlier detection", "a preview does not extract the brain again"
     assert logic.brain_node(nodes[0]) is brain
+
+    nodes[1].GetImageData().Modified()  # the FLAIR was edited: the brain kept is no longer trusted
+    run.start(str(tiny_bundle), nodes, DetectionSettings(device="cpu"), preview_ras=ras)
+    assert run.wait(120).brain_source.startswith("extracted by deepbet")
