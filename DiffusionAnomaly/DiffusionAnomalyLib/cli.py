@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
 
+    calibrate = commands.add_parser("calibrate", help="choose the model's calibrated-threshold constants on validation data and store them in its card")
+    calibrate.add_argument("--model", required=True, type=Path)
+    calibrate.add_argument("--data", required=True, type=Path, help="labelled validation folder or CSV, with healthy subjects and subjects "
+                                                                      "with lesions (never the test data)")
+    calibrate.add_argument("--limit", type=int, help="only the first N subjects")
+    calibrate.add_argument("--slice-step", type=int, default=1, help="use every N-th axial slice only (quicker)")
+    calibrate.add_argument("--region", choices=("whole", "core", "enhancing"), default="whole", help="BraTS region that is the lesion (see evaluate)")
+    calibrate.add_argument("--dry-run", action="store_true", help="print the choice without changing the card")
+    _add_detection_options(calibrate)
+
     defaults = commands.add_parser("set-defaults", help="store measured default settings in a model's card")
     defaults.add_argument("model", type=Path)
     defaults.add_argument("--description", help="the model's description in the card")
@@ -466,6 +476,42 @@ def run_demo(args) -> None:
     )
 
 
+def run_calibrate(args) -> None:
+    from .cards import load_card, update_card
+    from .data import load_subjects
+    from .detector import AnomalyDetector
+    from .evaluation import calibration_samples
+    from .thresholds import FALSE_POSITIVE_LIMIT_PERCENT, choose_calibration
+
+    if args.slice_step < 1:
+        raise ValueError(f"--slice-step must be at least 1, got {args.slice_step}")
+    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    settings = _settings(args).resolve(detector.card)
+    subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
+    bar = _Bar("detecting", unit="subject")
+    try:
+        samples = calibration_samples(detector, subjects, slice_step=args.slice_step, settings=settings, region=args.region, progress=bar)
+    finally:
+        bar.close()
+    chosen, rows = choose_calibration(samples, detector.card.calibration.quantile)
+    print(f"{'noise floor':>11} {'slice floor':>11} {'pooled Dice':>11} {'healthy FP %':>12}")
+    for row in rows:
+        print(f"{row['noise_floor_mads']:>11g} {str(row['slice_floor_mads'] or '-'):>11} {row['pooled_dice']:>11.3f} {row['healthy_fp_percent']:>12.2f}")
+    print(f"chosen (best pooled Dice with healthy FP <= {FALSE_POSITIVE_LIMIT_PERCENT / 2:g} %): noise floor {chosen.noise_floor_mads:g} MADs, "
+          f"slice floor {chosen.slice_floor_mads if chosen.slice_floor_mads is not None else 'not used'}")
+    if args.dry_run:
+        return
+    card = load_card(args.model)
+    card.calibration = chosen
+    card.metrics["calibration"] = {
+        "data": str(args.data), "subjects": len(samples), "healthy_subjects": sum(s.healthy_subject for s in samples),
+        "settings": {"slice_step": args.slice_step, "region": args.region, **settings.to_dict()},
+        "chosen": next(r for r in rows if (r["noise_floor_mads"], r["slice_floor_mads"]) == (chosen.noise_floor_mads, chosen.slice_floor_mads)),
+    }
+    update_card(args.model, card)
+    print(f"stored in the card of {args.model}")
+
+
 def run_set_defaults(args) -> None:
     from .cards import load_card, update_card
 
@@ -550,6 +596,7 @@ COMMANDS = {
     "synth": run_synth,
     "demo": run_demo,
     "set-defaults": run_set_defaults,
+    "calibrate": run_calibrate,
 }
 
 

@@ -86,6 +86,29 @@ class NormalisationConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """A model's constants for the calibrated threshold (see :mod:`.thresholds`).
+
+    Args:
+        quantile: share of the healthy-looking brain left below the threshold.
+        noise_floor_mads: width of the scan-wide noise floor, in robust standard deviations.
+        slice_floor_mads: width of each axial slice's own noise floor; ``None``: not used.
+    """
+
+    quantile: float = 0.995
+    noise_floor_mads: float = 6.5
+    slice_floor_mads: Optional[float] = None
+
+    def validate(self) -> None:
+        if not 0.5 <= self.quantile < 1:
+            raise ValueError(f"calibration quantile must be in [0.5, 1), got {self.quantile}")
+        for name in ("noise_floor_mads", "slice_floor_mads"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 50:
+                raise ValueError(f"calibration {name} must be between 0 and 50, got {value}")
+
+
+@dataclass
 class ModelCard:
     """Everything needed to rebuild and correctly use a pair of networks.
 
@@ -97,6 +120,7 @@ class ModelCard:
         class_conditional: the noise predictor was trained on both classes with a class
             embedding (then decoding conditions it on the healthy class).
         healthy_class: label index of "healthy" in the classifier output.
+        calibration: the constants of the calibrated threshold, chosen on the model's validation data.
     """
 
     channels: Tuple[str, ...] = ("FLAIR",)
@@ -108,6 +132,7 @@ class ModelCard:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     defaults: DetectionSettings = CARD_DEFAULTS
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     name: str = "unnamed"
     description: str = ""
     training: Dict[str, Any] = field(default_factory=dict)
@@ -119,6 +144,7 @@ class ModelCard:
         "schedule": ScheduleConfig,
         "normalisation": NormalisationConfig,
         "defaults": DetectionSettings,
+        "calibration": CalibrationConfig,
     }
 
     def validate(self) -> None:
@@ -131,6 +157,7 @@ class ModelCard:
             self.classifier.validate("classifier")
         if self.healthy_class not in (0, 1):
             raise ValueError("healthy_class must be 0 or 1")
+        self.calibration.validate()
         if self.defaults.resolve(self) != self.defaults:
             raise ValueError("the default settings must be complete, checked values (see DetectionSettings.resolve)")
 

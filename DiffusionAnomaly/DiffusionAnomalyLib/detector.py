@@ -71,7 +71,8 @@ class DetectionResult:
             slices), for re-thresholding.
         threshold: the threshold value that produced ``mask``.
         calibrated_threshold: the threshold read off this scan's healthy-looking brain
-            (``thresholds.calibrated_threshold``), whatever threshold was asked for.
+            (``thresholds.calibrated_threshold``), whatever threshold was asked for: one
+            value per axial slice, shaped to broadcast over ``anomaly_map``.
         settings: the resolved settings that produced this result.
         brain_mask: the brain of the whole volume the detection used (uint8).
         brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
@@ -86,7 +87,7 @@ class DetectionResult:
     healthy: List[np.ndarray]
     foreground: np.ndarray
     threshold: float
-    calibrated_threshold: float
+    calibrated_threshold: np.ndarray
     settings: DetectionSettings
     brain_mask: np.ndarray
     brain_source: str
@@ -249,7 +250,7 @@ class AnomalyDetector:
         probabilities = np.full(canonical.shape[1], np.nan, dtype=np.float32)
         probabilities[indices] = self.slice_probabilities(model_input)
         healthy_slices = probabilities < HEALTHY_PROBABILITY if self.classifier is not None else None
-        calibrated = calibrated_threshold(anomaly, analysed, healthy_slices)
+        calibrated = calibrated_threshold(anomaly, analysed, healthy_slices, self.card.calibration)
         mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels, calibrated)
 
         def back(array: np.ndarray) -> np.ndarray:
@@ -262,7 +263,7 @@ class AnomalyDetector:
             healthy=[back(channel).astype(np.float32) for channel in healthy],
             foreground=back(analysed),
             threshold=threshold_value,
-            calibrated_threshold=calibrated,
+            calibrated_threshold=back(calibrated),
             settings=settings,
             brain_mask=back(foreground).astype(np.uint8),
             brain_source=brain.source if brain is not None else "non-zero voxels (skull-stripped input)",

@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .data import Subject, labelled_slices, read_subject
 from .detector import AnomalyDetector
-from .thresholds import threshold_map
+from .thresholds import HEALTHY_PROBABILITY, CalibrationSample, summary_value, threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
 from .healing import by_size, healing_scores, size_group
@@ -79,6 +79,15 @@ def _evaluated_voxels(shape, direction, slice_step: int) -> Tuple[np.ndarray, Li
     chosen = list(range(0, canonical.shape[0], slice_step))
     canonical[chosen] = True
     return orientation.from_canonical(canonical), chosen
+
+
+def _detect_subject(detector: AnomalyDetector, subject: Subject, settings: DetectionSettings, slice_step: int):
+    """Reads a subject and detects on every ``slice_step``-th axial slice; also returns the voxels scored."""
+    arrays, reference, mask_array = read_subject(subject, detector.card.channels)
+    geometry = Geometry.of(reference)
+    evaluated, chosen = _evaluated_voxels(arrays.shape[1:], geometry.direction, slice_step)
+    result = detector.detect(list(arrays), geometry, settings, axial_slices=chosen if slice_step > 1 else None)
+    return arrays, geometry, mask_array, result, evaluated, chosen
 
 
 def _healing(subject: Subject, arrays: np.ndarray, result, truth: np.ndarray, analysed: np.ndarray, healthy_subject: bool,
@@ -172,10 +181,7 @@ def evaluate_subjects(
     tally = _ThresholdTally()
     extra = {str(t): _ThresholdTally() for t in extra_thresholds}
     for number, subject in enumerate(subjects, 1):
-        arrays, reference, mask_array = read_subject(subject, detector.card.channels)
-        geometry = Geometry.of(reference)
-        evaluated, chosen = _evaluated_voxels(arrays.shape[1:], geometry.direction, slice_step)
-        result = detector.detect(list(arrays), geometry, settings, axial_slices=chosen if slice_step > 1 else None)
+        arrays, geometry, mask_array, result, evaluated, chosen = _detect_subject(detector, subject, settings, slice_step)
         lesion = (mask_array > 0) if mask_array is not None else np.zeros(result.mask.shape, dtype=bool)
         healthy_subject = not lesion.any()
         truth = (lesion_region(mask_array, region) if mask_array is not None else lesion) & evaluated
@@ -192,7 +198,7 @@ def evaluate_subjects(
             **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
             "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, lesion & evaluated, foreground, geometry.direction),
             "threshold": result.threshold,
-            "calibrated_threshold": result.calibrated_threshold,
+            "calibrated_threshold": summary_value(result.calibrated_threshold),
             "seconds": round(result.seconds, 2),
             **_healing(subject, arrays, result, truth, foreground, healthy_subject, detector.card.channels),
         }
@@ -289,3 +295,32 @@ def format_report(report: Dict[str, object]) -> str:
             f"healthy-subject false positives {cell(scores['healthy_subjects_fp_percent'], 2)} %"
         )
     return "\n".join(lines)
+
+
+def calibration_samples(
+    detector: AnomalyDetector,
+    subjects: Sequence[Subject],
+    *,
+    slice_step: int = 1,
+    settings: Optional[DetectionSettings] = None,
+    region: str = "whole",
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> List[CalibrationSample]:
+    """Each subject's map at ``settings``, in the canonical orientation, for :func:`.thresholds.choose_calibration`."""
+    _check_region(region)
+    settings = (settings or DetectionSettings()).resolve(detector.card)
+    samples = []
+    for number, subject in enumerate(subjects, 1):
+        arrays, geometry, mask_array, result, evaluated, _ = _detect_subject(detector, subject, settings, slice_step)
+        canonical = Orientation.from_direction(geometry.direction).to_canonical
+        truth = lesion_region(mask_array, region) if mask_array is not None else np.zeros(arrays.shape[1:], dtype=bool)
+        samples.append(CalibrationSample(
+            anomaly_map=np.ascontiguousarray(canonical(result.anomaly_map)).astype(np.float16),
+            analysed=np.ascontiguousarray(canonical(result.foreground.astype(bool) & evaluated)),
+            lesion=np.ascontiguousarray(canonical(truth & evaluated)),
+            healthy_subject=mask_array is None or not (mask_array > 0).any(),
+            healthy_slices=result.slice_probabilities < HEALTHY_PROBABILITY if detector.classifier is not None else None,
+        ))
+        if progress is not None:
+            progress(number, len(subjects))
+    return samples

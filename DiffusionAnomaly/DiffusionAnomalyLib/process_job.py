@@ -48,7 +48,7 @@ from .settings import DetectionSettings
 # Where ``python -m DiffusionAnomalyLib.process_job`` can import this package from.
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 LOG_FILE = "output.log"
-RESULT_ARRAYS = ("anomaly_map", "mask", "foreground", "brain_mask", "slice_probabilities")
+RESULT_ARRAYS = ("anomaly_map", "mask", "foreground", "brain_mask", "slice_probabilities", "calibrated_threshold")
 PARENT_CHECK_SECONDS = 1.0
 EXIT_PARENT_GONE = 3
 _LOG_TAIL_LINES = 40
@@ -292,7 +292,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             np.save(folder / healthy[-1], channel)
         (folder / "result.json").write_text(json.dumps({
             "threshold": result.threshold,
-            "calibrated_threshold": result.calibrated_threshold,
             "intensity_scale": asdict(result.intensity_scale),
             "brain_source": result.brain_source,
             "slices_processed": result.slices_processed,

@@ -67,7 +67,7 @@ LABELS = {
 FIXED = "fixed"
 PANEL_THRESHOLD_MODES = THRESHOLD_MODES + (FIXED,)
 THRESHOLD_MEANINGS = {
-    CALIBRATED: "calibrated on this scan: above the noise floor of its healthy-looking brain and its top 0.5 %",
+    CALIBRATED: "calibrated on this scan: above the top 0.5 % and the noise floor of its healthy-looking brain, and of each slice where the model uses slice floors",
     OTSU: "Otsu's split of this map into two classes (it flags part of any brain, healthy ones too)",
     FIXED: "a fixed map value: the sum over sequences of the difference to the healthy translation (0 to 1 each)",
 }

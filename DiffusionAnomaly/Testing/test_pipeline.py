@@ -98,6 +98,16 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     assert sweep["thresholds"]["1000.0"]["healthy_subjects_fp_percent"] == 0.0
     assert load_bundle(model).card.metrics["quick"]["settings"]["slice_step"] == 2
 
+    # The calibrated threshold's constants, chosen on labelled data and kept in the card.
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model), "--data", str(cohort), "--steps", "4", "--noise-level", "0.1", "--slice-step", "2"]) == 0
+    printed = capsys.readouterr().out
+    card = load_bundle(model).card
+    recorded = card.metrics["calibration"]
+    assert (recorded["subjects"], recorded["healthy_subjects"]) == (6, 2)
+    assert (recorded["chosen"]["noise_floor_mads"], recorded["chosen"]["slice_floor_mads"]) == (card.calibration.noise_floor_mads, card.calibration.slice_floor_mads)
+    assert recorded["chosen"]["healthy_fp_percent"] <= 0.25 and f"noise floor {card.calibration.noise_floor_mads:g} MADs" in printed
+
     assert main(["set-defaults", str(model), "--steps", "4", "--threshold", "0.3", "--description", "tiny test model"]) == 0
     card = load_bundle(model).card
     assert (card.defaults.steps, card.defaults.threshold, card.description) == (4, 0.3, "tiny test model")
