@@ -415,11 +415,20 @@ def run_train_classifier(args) -> None:
     _train(args, card, "classifier", train_classifier)
 
 
+def _check_cohort_options(args) -> None:
+    """evaluate's and calibrate's --slice-step and --limit, checked before a model is loaded."""
+    if args.slice_step < 1:
+        raise ValueError(f"--slice-step must be at least 1, got {args.slice_step}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 subject, got {args.limit}")
+
+
 def run_evaluate(args) -> None:
     from .data import load_subjects
     from .detector import AnomalyDetector
     from .evaluation import evaluate_subjects, format_report
 
+    _check_cohort_options(args)
     detector = AnomalyDetector.from_bundle(args.model, device=args.device)
     settings = _settings(args).resolve(detector.card)
     subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
@@ -483,8 +492,7 @@ def run_calibrate(args) -> None:
     from .evaluation import calibration_samples
     from .thresholds import FALSE_POSITIVE_LIMIT_PERCENT, choose_calibration
 
-    if args.slice_step < 1:
-        raise ValueError(f"--slice-step must be at least 1, got {args.slice_step}")
+    _check_cohort_options(args)
     detector = AnomalyDetector.from_bundle(args.model, device=args.device)
     settings = _settings(args).resolve(detector.card)
     subjects = load_subjects(args.data, detector.card.channels)[: args.limit]

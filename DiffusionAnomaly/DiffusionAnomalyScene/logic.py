@@ -233,6 +233,9 @@ class AnomalySceneLogic:
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Model", pending.request.model)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Settings", json.dumps(result.settings.to_dict()))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(result.threshold)))
+        # One value per axial slice, as JSON: a saved scene keeps it, since vtkMRMLNode::WriteXML
+        # escapes only ';' and '%' in attribute values and ReadXMLAttributes splits at the first ':'
+        # (Slicer Libs/MRML/Core/vtkMRMLNode.cxx).
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold", threshold_to_text(result.calibrated_threshold))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels", str(result.settings.min_component_voxels))
 

@@ -143,3 +143,16 @@ def test_help_prints_on_an_ascii_terminal(command):
     shown = subprocess.run(command, capture_output=True, env=ascii_terminal, timeout=120)
     assert shown.returncode == 0, shown.stderr.decode(errors="replace")[-500:]
     assert b"usage:" in shown.stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate"])
+@pytest.mark.parametrize("option, value, message", [("--limit", "-1", "--limit must be at least 1"), ("--limit", "0", "--limit must be at least 1"),
+                                                     ("--slice-step", "0", "--slice-step must be at least 1")])
+def test_cohort_options_out_of_range_are_refused_before_any_work(tiny_bundle, tmp_path, capsys, command, option, value, message):
+    card = tiny_bundle / "card.json"
+    before = card.read_bytes()
+    # No data folder at all: the option is refused before the model or the data is read.
+    assert main([command, "--model", str(tiny_bundle), "--data", str(tmp_path / "nowhere"), option, value]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert card.read_bytes() == before

@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from DiffusionAnomalyLib.detector import AnomalyDetector
-from DiffusionAnomalyLib.thresholds import threshold_map
+from DiffusionAnomalyLib.config import CalibrationConfig
+from DiffusionAnomalyLib.thresholds import threshold_from_text, threshold_map, threshold_to_text
 from DiffusionAnomalyLib.imageio import Geometry
 from DiffusionAnomalyLib.preprocessing import Orientation
 from DiffusionAnomalyLib.settings import DetectionSettings
@@ -51,7 +52,9 @@ def test_orientation_matches_dicom_orient_for_oblique_and_permuted_grids():
 def test_outputs_keep_the_input_geometry_and_the_map_lights_up_at_the_lesion(direction):
     arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
     geometry = Geometry(spacing=(0.9, 1.1, 2.5), origin=(-10.0, 20.0, 5.5), direction=tuple(float(d) for d in direction))
-    result = analytic_detector().detect(as_images(arrays, geometry))
+    detector = analytic_detector()
+    detector.card.calibration = CalibrationConfig(slice_floor_mads=3.0)
+    result = detector.detect(as_images(arrays, geometry), settings=DetectionSettings(threshold="calibrated"))
 
     assert result.geometry == geometry
     assert result.anomaly_map.shape == arrays.shape[1:] == result.mask.shape
@@ -63,6 +66,11 @@ def test_outputs_keep_the_input_geometry_and_the_map_lights_up_at_the_lesion(dir
     assert (flagged & lesion).sum() / flagged.sum() > 0.5, "most flagged voxels are lesion voxels"
     # The healthy translation brings the lesion toward normal tissue, in scanner units.
     assert result.healthy[1][lesion].mean() < arrays[1][lesion].mean() - 20
+    # The per-slice calibrated threshold, kept with the map on the input grid, re-cuts the same
+    # segmentation there (as the Slicer scene and the web app do when the threshold moves).
+    kept = threshold_from_text(threshold_to_text(result.calibrated_threshold))
+    recut, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), "calibrated", calibrated=kept)
+    np.testing.assert_array_equal(recut, result.mask)
 
 
 def test_results_follow_the_voxels_through_any_orientation():
