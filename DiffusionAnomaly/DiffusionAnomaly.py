@@ -105,6 +105,7 @@ class DiffusionAnomalyParameterNode:
     noiseLevel, guidanceScale, steps, thresholdMode, threshold, device, batchSize - detection settings
     (ranges as DiffusionAnomalyLib.settings.RANGES; a fixed threshold is at most the model's channel count).
     brainMaskMode, brainMaskSegmentation - how the brain is found, or the user's segmentation of it.
+    biasCorrection - "n4" divides out each sequence's bias field before detection, "none" does not.
     outputMap - the anomaly-map volume; outputSegmentation - its thresholded segmentation.
     """
 
@@ -120,6 +121,7 @@ class DiffusionAnomalyParameterNode:
     thresholdMode: Annotated[str, Choice(["calibrated", "otsu", "fixed"])] = "calibrated"
     brainMaskMode: Annotated[str, Choice(["auto", "extract", "none", "segment"])] = "auto"
     brainMaskSegmentation: vtkMRMLSegmentationNode
+    biasCorrection: Annotated[str, Choice(["n4", "none"])] = "n4"
     steps: Annotated[int, WithinRange(4, 1000)] = 10
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32
@@ -548,6 +550,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         if not isinstance(defaults.threshold, str):
             parameterNode.threshold = float(defaults.threshold)
         parameterNode.brainMaskMode = defaults.brain_mask
+        parameterNode.biasCorrection = defaults.bias_correction
 
     @staticmethod
     def channelVolumes(parameterNode, count: int) -> list:
@@ -601,6 +604,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
             batch_size=parameterNode.batchSize,
             device=parameterNode.device,
             brain_mask=None if parameterNode.brainMaskMode == "segment" else parameterNode.brainMaskMode,
+            bias_correction=parameterNode.biasCorrection,
         )
 
     def _volumes(self, parameterNode) -> list:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 from . import __version__
 from .environment import keep_output_readable_on_any_terminal
-from .settings import DEVICES, PRECISIONS, DetectionSettings, parse_threshold
+from .settings import BIAS_CORRECTIONS, DEVICES, PRECISIONS, DetectionSettings, parse_threshold
 
 
 def _threshold_value(value: str):
@@ -61,6 +61,8 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--map-smoothing", type=float, help="Gaussian sigma (model pixels) applied to the map; 0 = the raw map")
     group.add_argument("--map-levels", type=int, help="average the map over this many noise levels up to L (1: L only)")
     group.add_argument("--guidance-schedule", choices=("constant", "linear"), help="constant s (the paper's) or s·t/L")
+    group.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
+                       help="n4: divide out each sequence's bias field (coil shading) fitted in the brain; none: intensities as given")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")
@@ -78,6 +80,7 @@ def _settings(args) -> DetectionSettings:
         batch_size=args.batch_size,
         map_levels=args.map_levels,
         guidance_schedule=args.guidance_schedule,
+        bias_correction=args.bias_correction,
         precision=getattr(args, "precision", None) or "auto",
         device=getattr(args, "device", None) or "auto",
     )
@@ -319,7 +322,7 @@ def run_detect(args) -> None:
     fraction = 100.0 * result.mask.sum() / max(int(result.foreground.sum()), 1)
     print(
         f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices, "
-        f"brain: {result.brain_source}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
+        f"brain: {result.brain_source}; bias correction: {result.bias_correction}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
         f"{int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the brain); wrote {', '.join(str(p) for p in written)}"
     )
 

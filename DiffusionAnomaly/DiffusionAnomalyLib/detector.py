@@ -22,8 +22,9 @@ from .bundle import ModelBundle, load_bundle
 from .config import ModelCard
 from .imageio import Geometry, check_same_grid
 from .networks import noise_predictor, time_classifier
+from .bias import correct_bias
 from .brain import find_brain
-from .preprocessing import BACKGROUND, IntensityScale, denormalise, prepare_volume
+from .preprocessing import BACKGROUND, IntensityScale, denormalise, foreground_mask, prepare_volume
 from .settings import DetectionSettings
 from .thresholds import HEALTHY_PROBABILITY, calibrated_threshold, threshold_map
 from .translation import TimeModel, ddim_timesteps, translate
@@ -76,10 +77,11 @@ class DetectionResult:
         settings: the resolved settings that produced this result.
         brain_mask: the brain of the whole volume the detection used (uint8).
         brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
+        bias_correction: what bias-field correction did ("none", or N4's time and field range).
         slice_probabilities: per canonical axial slice (inferior to superior), the
             classifier's p(diseased | x, t = 0); NaN for slices not analysed or without a classifier.
         intensity_scale: per channel, the scanner intensities that became 0 and 1 (the map's
-            unit is that range), to compare images in the map's units.
+            unit is that range; after bias correction, when there was one), to compare images in the map's units.
     """
 
     anomaly_map: np.ndarray
@@ -91,6 +93,7 @@ class DetectionResult:
     settings: DetectionSettings
     brain_mask: np.ndarray
     brain_source: str
+    bias_correction: str
     slice_probabilities: np.ndarray
     intensity_scale: IntensityScale
     geometry: Geometry
@@ -209,8 +212,14 @@ class AnomalyDetector:
         # Brain extraction needs a volume: a single 2D slice is analysed over its non-zero pixels.
         mode = "none" if volume.was_2d and given is None else settings.brain_mask
         brain = find_brain(volume.arrays, volume.geometry.as_3d(), self.card.channels, mode, given)
+        arrays, bias = volume.arrays, None
+        # A bias field is fitted over a volume; a single 2D slice is analysed as given.
+        if settings.bias_correction == "n4" and not volume.was_2d:
+            region = brain.mask if brain is not None else foreground_mask(arrays, self.card.normalisation)
+            bias = correct_bias(arrays, region, volume.geometry, self.card.channels)
+            arrays = bias.corrected
         prepared = prepare_volume(
-            volume.arrays,
+            arrays,
             volume.geometry.as_3d().direction,
             self.card.channels,
             self.card.image_size,
@@ -246,7 +255,12 @@ class AnomalyDetector:
         analysed = np.zeros_like(foreground)
         analysed[indices] = foreground[indices]
         anomaly = np.clip(anomaly, 0.0, None) * analysed
-        healthy = np.where(analysed, denormalise(healthy_model, prepared.scale), canonical)
+        healthy_scanner, as_given = denormalise(healthy_model, prepared.scale), canonical
+        if bias is not None:
+            # Back into the input's intensities: the shading the correction took out is put back.
+            healthy_scanner *= orientation.to_canonical(bias.fields)
+            as_given = orientation.to_canonical(volume.arrays)
+        healthy = np.where(analysed, healthy_scanner, as_given)
         probabilities = np.full(canonical.shape[1], np.nan, dtype=np.float32)
         probabilities[indices] = self.slice_probabilities(model_input)
         healthy_slices = probabilities < HEALTHY_PROBABILITY if self.classifier is not None else None
@@ -267,6 +281,7 @@ class AnomalyDetector:
             settings=settings,
             brain_mask=back(foreground).astype(np.uint8),
             brain_source=brain.source if brain is not None else "non-zero voxels (skull-stripped input)",
+            bias_correction=bias.describe() if bias is not None else "none",
             slice_probabilities=probabilities,
             intensity_scale=prepared.scale,
             geometry=volume.geometry,

@@ -294,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "threshold": result.threshold,
             "intensity_scale": asdict(result.intensity_scale),
             "brain_source": result.brain_source,
+            "bias_correction": result.bias_correction,
             "slices_processed": result.slices_processed,
             "seconds": result.seconds,
             "settings": result.settings.to_dict(),

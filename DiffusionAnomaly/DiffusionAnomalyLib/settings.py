@@ -33,6 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # "none": the scan is skull-stripped (its non-zero voxels are the brain).
 BRAIN_MASK_MODES = ("auto", "extract", "none")
 GUIDANCE_SCHEDULES = ("constant", "linear")
+# "n4": divide out each sequence's bias field (coil shading) fitted inside the brain; "none": as given.
+BIAS_CORRECTIONS = ("none", "n4")
 
 # Inclusive ranges of the numeric settings. Fewer than MIN_STEPS DDIM evaluations cannot
 # invert the encoding: the map then shows the reconstruction error of the whole brain.
@@ -60,6 +62,7 @@ LABELS = {
     "brain_mask": "brain mask",
     "map_levels": "noise levels averaged",
     "guidance_schedule": "guidance schedule",
+    "bias_correction": "bias correction",
 }
 
 
@@ -148,6 +151,8 @@ class DetectionSettings:
             a mask of the user's is given with the images instead.
         map_levels: the map is averaged over this many noise levels, L/n, 2L/n, ..., L (1: L only).
         guidance_schedule: ``constant`` (the paper's s) or ``linear`` (s · t / L).
+        bias_correction: ``n4`` divides out each sequence's bias field before detection
+            (see :mod:`.bias`); ``none`` uses the intensities as given.
     """
 
     noise_level: Optional[float] = None
@@ -162,6 +167,7 @@ class DetectionSettings:
     brain_mask: Optional[str] = None
     map_levels: Optional[int] = None
     guidance_schedule: Optional[str] = None
+    bias_correction: Optional[str] = None
 
     def replace(self, **changes: Any) -> "DetectionSettings":
         return dataclasses.replace(self, **changes)
@@ -186,7 +192,7 @@ class DetectionSettings:
             _in_range(name, checked[name])
         checked["threshold"] = _checked_threshold(filled["threshold"], len(card.channels))
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("brain_mask", BRAIN_MASK_MODES),
-                              ("guidance_schedule", GUIDANCE_SCHEDULES)):
+                              ("guidance_schedule", GUIDANCE_SCHEDULES), ("bias_correction", BIAS_CORRECTIONS)):
             if filled[name] not in allowed:
                 raise ValueError(f"{LABELS[name]} must be one of {', '.join(allowed)}, got {filled[name]!r}")
             checked[name] = filled[name]
@@ -221,5 +227,5 @@ def _checked_threshold(value: Any, channels: int) -> Threshold:
 
 CARD_DEFAULTS = DetectionSettings(
     noise_level=0.5, guidance_scale=10.0, steps=25, threshold=CALIBRATED, min_component_voxels=0, map_smoothing=0.0, batch_size=32,
-    brain_mask="auto", map_levels=1, guidance_schedule="constant",
+    brain_mask="auto", map_levels=1, guidance_schedule="constant", bias_correction="none",
 )

@@ -66,6 +66,7 @@ class DetectionOutputs:
     messages: List[str] = field(default_factory=list)
     brain_node: Optional[object] = None
     brain_source: str = ""
+    bias_correction: str = ""
 
     @property
     def is_preview(self) -> bool:
@@ -74,7 +75,8 @@ class DetectionOutputs:
     def summary(self) -> str:
         what = f"slice {self.preview_slice} (preview)" if self.is_preview else f"{self.slices_processed} slices"
         brain = f"; brain: {self.brain_source}" if self.brain_source else ""
-        return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}{brain}"
+        bias = f"; {self.bias_correction}" if self.bias_correction not in ("", "none") else ""
+        return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}{brain}{bias}"
 
 
 @dataclass
@@ -208,7 +210,7 @@ class AnomalySceneLogic:
         source = "as found by the earlier detection" if pending.brain_origin == "found" else result.brain_source
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),
                                 result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages),
-                                brain_node, source)
+                                brain_node, source, result.bias_correction)
 
     def brain_node(self, reference_node) -> Optional[object]:
         """The segmentation holding the brain outline of ``reference_node``'s detections, if there is one."""

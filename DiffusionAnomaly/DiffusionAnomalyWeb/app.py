@@ -40,6 +40,7 @@ from DiffusionAnomalyLib.cards import load_card
 from DiffusionAnomalyLib.jobs import RUNNING, ThreadJob
 from DiffusionAnomalyLib.sequences import guess_sequence
 from DiffusionAnomalyLib.settings import (
+    BIAS_CORRECTIONS,
     BRAIN_MASK_MODES,
     PANEL_THRESHOLD_MODES,
     RANGES,
@@ -135,6 +136,7 @@ class AnomalyWebApp(TrameApp):
             "threshold_modes": [{"title": mode, "value": mode} for mode in PANEL_THRESHOLD_MODES],
             "threshold_meanings": THRESHOLD_MEANINGS,
             "brain_mask_modes": list(BRAIN_MASK_MODES),
+            "bias_corrections": list(BIAS_CORRECTIONS),
             "running": False,
             "progress": 0,
             "progress_text": "",
@@ -172,6 +174,7 @@ class AnomalyWebApp(TrameApp):
                 "steps": str(defaults.steps),
                 "default_steps": int(defaults.steps),
                 "brain_mask": defaults.brain_mask,
+                "bias_correction": defaults.bias_correction,
             })
 
     def _choose_model(self) -> None:
@@ -254,6 +257,10 @@ class AnomalyWebApp(TrameApp):
                                hide_details=True, disabled=("running",),
                                title="auto: extract the brain unless the images are skull-stripped; extract: always; none: the images are skull-stripped. "
                                      "Only the brain is analysed; its outline is shown in green.")
+                    v3.VSelect(id="bias-correction", label="Bias correction", v_model=("bias_correction",), items=("bias_corrections",),
+                               density="compact", hide_details=True, disabled=("running",),
+                               title="n4: divide out each sequence's bias field (coil shading), fitted inside the brain, before detection; "
+                                     "none: the intensities as loaded (scans corrected already, as BraTS is).")
                     with html.Div(id="legend", v_if="overlay_shown", classes="text-caption"):
                         html.Div("Anomaly map (colours in the views)")
                         with html.Div(style=f"position: relative; height: 14px; border-radius: 2px; background: {heat_gradient()}"):
@@ -389,6 +396,7 @@ class AnomalyWebApp(TrameApp):
             steps=number_from_text("steps", self.state.steps),
             threshold=self.threshold(),
             brain_mask=self.state.brain_mask,
+            bias_correction=self.state.bias_correction,
         ).resolve(self.card)
 
     def detect_or_cancel(self) -> None:

@@ -105,7 +105,8 @@ def test_every_parameter_is_bound_to_a_widget_that_can_edit_its_type():
 def test_settings_explain_themselves():
     widgets = _widgets()
     for name in ("noiseLevelSlider", "guidanceScaleSlider", "thresholdSlider", "stepsSpinBox", "batchSizeSpinBox", "deviceComboBox",
-                 "detectButton", "previewButton", "thresholdModeComboBox", "brainMaskModeComboBox", "brainMaskSegmentationSelector"):
+                 "detectButton", "previewButton", "thresholdModeComboBox", "brainMaskModeComboBox", "brainMaskSegmentationSelector",
+                 "biasCorrectionComboBox"):
         tooltip = _string_property(widgets[name], "toolTip")
         assert tooltip and len(tooltip.split()) >= 6, f"{name} needs a tooltip that says what it does"
 
@@ -167,3 +168,19 @@ def test_panel_ranges_are_the_engines_so_no_value_the_engine_refuses_can_be_chos
         assert RANGES[setting][0] <= low <= high <= RANGES[setting][1], f"{parameter}'s widget offers {low}..{high}"
     low, high = ranges["threshold"]
     assert low > 0 and high == 4, "a fixed threshold is above 0 and at most the channel count (the panel takes 4 channels)"
+
+
+def _parameter_choices(name: str) -> list:
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DiffusionAnomalyParameterNode")
+    statement = next(s for s in wrapper.body if isinstance(s, ast.AnnAssign) and s.target.id == name)
+    choice = next(n for n in ast.walk(statement.annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Choice")
+    return ast.literal_eval(choice.args[0])
+
+
+def test_panel_choices_are_the_engines():
+    from DiffusionAnomalyLib.settings import BIAS_CORRECTIONS, BRAIN_MASK_MODES, PANEL_THRESHOLD_MODES
+
+    assert set(_parameter_choices("biasCorrection")) == set(BIAS_CORRECTIONS)
+    assert set(_parameter_choices("brainMaskMode")) == set(BRAIN_MASK_MODES) | {"segment"}
+    assert set(_parameter_choices("thresholdMode")) == set(PANEL_THRESHOLD_MODES)
