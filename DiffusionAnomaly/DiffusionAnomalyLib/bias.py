@@ -26,6 +26,8 @@ from .imageio import Geometry
 FIT_SPACING_MM = 6.0
 # Iterations at each of the three B-spline mesh levels (ITK's default is four levels of 50).
 ITERATIONS_PER_LEVEL = (50, 50, 50)
+# Brain voxels at or below zero that a magnitude image can have (background inside the mask).
+MAX_NOT_POSITIVE = 0.1
 # The fitted field may not scale the image beyond this factor (either way) anywhere in the
 # brain; a larger one means N4 fitted something other than shading (e.g. a huge lesion).
 MAX_FIELD_FACTOR = 4.0
@@ -58,13 +60,16 @@ def _shrink_factors(spacing: Sequence[float], size: Sequence[int]) -> list:
 def n4_field(channel: np.ndarray, mask: np.ndarray, geometry: Geometry, name: str) -> np.ndarray:
     """N4's multiplicative bias field of one (k, j, i) channel inside ``mask``, on the full grid.
 
-    Only voxels of the mask with positive intensity are fitted (the field is a ratio of
-    intensities); the field is 1 outside the mask.
+    The field is a ratio of intensities, so it needs a magnitude image: a sequence with many
+    brain voxels at or below zero (a z-scored or subtracted image) is refused. The field is 1
+    outside the mask.
     """
     fitted = mask & (channel > 0)
-    if fitted.sum() < 1000:
-        raise ValueError(f"bias correction of {name}: fewer than 1,000 brain voxels with a positive intensity; "
-                         "this sequence cannot be corrected (choose bias correction 'none')")
+    not_positive = 1.0 - fitted.sum() / max(int(mask.sum()), 1)
+    if not_positive > MAX_NOT_POSITIVE or fitted.sum() < 1000:
+        raise ValueError(f"bias correction of {name}: {100 * not_positive:.0f} % of the brain has intensities at or below 0 "
+                         "(a z-scored or subtracted image?); N4 needs the scanner's magnitude image: give that, "
+                         "or choose bias correction 'none'")
     grid = geometry.as_3d()
     image = grid.applied_to(sitk.GetImageFromArray(np.where(fitted, channel, 0).astype(np.float32)))
     mask_image = sitk.GetImageFromArray(fitted.astype(np.uint8))
