@@ -105,3 +105,16 @@ def test_a_second_look_at_the_same_volume_reuses_its_field_and_an_edit_refits_it
     refitted = correct_bias(edited, brain, SPACING, ["T1", "FLAIR"])
     assert refitted.seconds > first.seconds / 5
     np.testing.assert_allclose(refitted.corrected[1], 2 * first.corrected[1], rtol=0.02)
+
+
+@pytest.mark.parametrize("slices", [8, 3])
+def test_a_clinical_thick_slice_stack_is_corrected(slices):
+    """256² in plane at 0.9 mm, 6 mm slices: the field is fitted in plane even when the stack is thin."""
+    k, j, i = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, 256), np.linspace(-1, 1, 256), indexing="ij")
+    brain = (i**2 + j**2 + (0.9 * k) ** 2) < 0.7
+    tissue = 100 + np.random.default_rng(0).normal(0, 3, brain.shape)
+    shaded = np.where(brain, tissue * np.exp(0.4 * i), 0).astype(np.float32)
+    corrected = correct_bias(shaded[np.newaxis], brain, Geometry((0.9, 0.9, 6.0)), ["T1ce"]).corrected[0]
+    right, left = brain & (i > 0.4), brain & (i < -0.4)
+    assert np.median(shaded[right]) / np.median(shaded[left]) > 1.5
+    assert np.median(corrected[right]) / np.median(corrected[left]) == pytest.approx(1.0, abs=0.05)
