@@ -26,6 +26,8 @@ from .imageio import Geometry
 FIT_SPACING_MM = 6.0
 # Iterations at each of the three B-spline mesh levels (ITK's default is four levels of 50).
 ITERATIONS_PER_LEVEL = (50, 50, 50)
+# Fewer brain voxels than this (a few slices of a small field of view) cannot constrain a field.
+MIN_FITTED_VOXELS = 1000
 # Brain voxels at or below zero that a magnitude image can have (background inside the mask).
 MAX_NOT_POSITIVE = 0.1
 # The fitted field may not scale the image beyond this factor (either way) anywhere in the
@@ -66,10 +68,13 @@ def n4_field(channel: np.ndarray, mask: np.ndarray, geometry: Geometry, name: st
     """
     fitted = mask & (channel > 0)
     not_positive = 1.0 - fitted.sum() / max(int(mask.sum()), 1)
-    if not_positive > MAX_NOT_POSITIVE or fitted.sum() < 1000:
+    if not_positive > MAX_NOT_POSITIVE:
         raise ValueError(f"bias correction of {name}: {100 * not_positive:.0f} % of the brain has intensities at or below 0 "
                          "(a z-scored or subtracted image?); N4 needs the scanner's magnitude image: give that, "
                          "or choose bias correction 'none'")
+    if fitted.sum() < MIN_FITTED_VOXELS:
+        raise ValueError(f"bias correction of {name}: the brain has only {int(fitted.sum()):,} voxels, too few to fit a "
+                         f"bias field (at least {MIN_FITTED_VOXELS:,}); choose bias correction 'none'")
     grid = geometry.as_3d()
     image = grid.applied_to(sitk.GetImageFromArray(np.where(fitted, channel, 0).astype(np.float32)))
     mask_image = sitk.GetImageFromArray(fitted.astype(np.uint8))

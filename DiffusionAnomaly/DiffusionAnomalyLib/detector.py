@@ -78,6 +78,7 @@ class DetectionResult:
         brain_mask: the brain of the whole volume the detection used (uint8).
         brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
         bias_correction: what bias-field correction did ("none", or N4's time and field range).
+        bias_seconds: the part of ``seconds`` spent fitting bias fields (0 without correction).
         slice_probabilities: per canonical axial slice (inferior to superior), the
             classifier's p(diseased | x, t = 0); NaN for slices not analysed or without a classifier.
         intensity_scale: per channel, the scanner intensities that became 0 and 1 (the map's
@@ -99,6 +100,7 @@ class DetectionResult:
     geometry: Geometry
     slices_processed: int
     seconds: float
+    bias_seconds: float = 0.0
 
 
 @dataclass
@@ -287,6 +289,7 @@ class AnomalyDetector:
             geometry=volume.geometry,
             slices_processed=len(indices),
             seconds=time.perf_counter() - started,
+            bias_seconds=bias.seconds if bias is not None else 0.0,
         )
 
     def slice_probabilities(self, images: torch.Tensor) -> np.ndarray:

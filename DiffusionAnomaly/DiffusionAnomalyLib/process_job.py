@@ -297,6 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "bias_correction": result.bias_correction,
             "slices_processed": result.slices_processed,
             "seconds": result.seconds,
+            "bias_seconds": result.bias_seconds,
             "settings": result.settings.to_dict(),
             "geometry": asdict(result.geometry),
             "healthy": healthy,

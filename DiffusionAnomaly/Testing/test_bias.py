@@ -71,6 +71,12 @@ def test_a_sequence_that_is_not_a_magnitude_image_cannot_be_corrected():
         correct_bias(np.stack([arrays[0], z_scored]), brain, SPACING, ["T1", "FLAIR"])
 
 
+def test_too_small_a_brain_to_fit_a_field_is_refused_with_its_size():
+    arrays, _ = brain_phantom(shape=(8, 20, 18), channels=1)
+    with pytest.raises(ValueError, match=r"bias correction of T1ce: the brain has only [\d,]+ voxels, too few .*'none'"):
+        correct_bias(arrays, arrays[0] > 0, SPACING, ["T1ce"])
+
+
 def test_bias_correction_must_be_a_known_method(tiny_bundle):
     detector = AnomalyDetector.from_bundle(tiny_bundle, device="cpu")
     with pytest.raises(ValueError, match="bias correction must be one of none, n4"):

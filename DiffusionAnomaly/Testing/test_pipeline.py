@@ -149,6 +149,12 @@ def test_benchmark_prints_both_settings(tiny_bundle, capsys):
     assert report["default"]["slices"] == report["slices_with_foreground"]
     assert report["speedup_per_volume"] > 1
     assert "speed-up per volume" in format_benchmark(report)
+    assert report["default"]["bias_correction_seconds"] == 0 and "bias correction" not in format_benchmark(report)
+    # With bias correction in the defaults, the volume's time says how much of it the CPU-side N4 fit took.
+    detector.card.defaults = detector.card.defaults.replace(bias_correction="n4")
+    corrected = run_benchmark(detector, brain_phantom(shape=(12, 24, 24), seed=1)[0], Geometry(), paper_slices=1)
+    assert 0 < corrected["default"]["bias_correction_seconds"] < corrected["default"]["seconds"]
+    assert "s of it bias correction" in format_benchmark(corrected)
 
 
 def test_torchrun_with_two_cpu_processes_trains_a_model(cohort, tmp_path):
