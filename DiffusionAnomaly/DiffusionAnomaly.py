@@ -121,6 +121,8 @@ class DiffusionAnomalyParameterNode:
     thresholdMode: Annotated[str, Choice(["calibrated", "otsu", "fixed"])] = "calibrated"
     brainMaskMode: Annotated[str, Choice(["auto", "extract", "none", "segment"])] = "auto"
     brainMaskSegmentation: vtkMRMLSegmentationNode
+    # A QComboBox bound to a Choice parameter is filled with its choices by Slicer's
+    # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (the combo-box connector).
     biasCorrection: Annotated[str, Choice(["n4", "none"])] = "n4"
     steps: Annotated[int, WithinRange(4, 1000)] = 10
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"

@@ -86,10 +86,10 @@ def n4_field(channel: np.ndarray, mask: np.ndarray, geometry: Geometry, name: st
     # The fitted B-spline field is evaluated on the full grid (not the shrunk copy).
     log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image))
     field = np.exp(log_field).astype(np.float32)
-    inside = field[mask]
     # N4 leaves the field's overall scale free; keep the brain's median intensity where it was.
-    field /= np.float32(np.median(inside))
-    extreme = float(max(field[mask].max(), 1.0 / field[mask].min()))
+    field /= np.float32(np.median(field[mask]))
+    inside = field[mask]
+    extreme = float(max(inside.max(), 1.0 / inside.min()))
     if not np.isfinite(extreme) or extreme > MAX_FIELD_FACTOR:
         raise ValueError(f"bias correction of {name}: N4 fitted a field that scales parts of the brain by {extreme:.1f} times; "
                          "this is not coil shading (check the image, or choose bias correction 'none')")

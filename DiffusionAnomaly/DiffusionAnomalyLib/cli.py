@@ -418,23 +418,25 @@ def run_train_classifier(args) -> None:
     _train(args, card, "classifier", train_classifier)
 
 
-def _check_cohort_options(args) -> None:
-    """evaluate's and calibrate's --slice-step and --limit, checked before a model is loaded."""
+def _cohort(args):
+    """evaluate's and calibrate's start: --slice-step and --limit checked before the model is
+    loaded, then the detector, the resolved settings and the subjects."""
+    from .data import load_subjects
+    from .detector import AnomalyDetector
+
     if args.slice_step < 1:
         raise ValueError(f"--slice-step must be at least 1, got {args.slice_step}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 subject, got {args.limit}")
+    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
+    settings = _settings(args).resolve(detector.card)
+    return detector, settings, load_subjects(args.data, detector.card.channels)[: args.limit]
 
 
 def run_evaluate(args) -> None:
-    from .data import load_subjects
-    from .detector import AnomalyDetector
     from .evaluation import evaluate_subjects, format_report
 
-    _check_cohort_options(args)
-    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
-    settings = _settings(args).resolve(detector.card)
-    subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
+    detector, settings, subjects = _cohort(args)
     bar = _Bar("evaluating", unit="subject")
     try:
         report = evaluate_subjects(
@@ -490,15 +492,10 @@ def run_demo(args) -> None:
 
 def run_calibrate(args) -> None:
     from .cards import load_card, update_card
-    from .data import load_subjects
-    from .detector import AnomalyDetector
     from .evaluation import calibration_samples
     from .thresholds import FALSE_POSITIVE_LIMIT_PERCENT, choose_calibration
 
-    _check_cohort_options(args)
-    detector = AnomalyDetector.from_bundle(args.model, device=args.device)
-    settings = _settings(args).resolve(detector.card)
-    subjects = load_subjects(args.data, detector.card.channels)[: args.limit]
+    detector, settings, subjects = _cohort(args)
     bar = _Bar("detecting", unit="subject")
     try:
         samples = calibration_samples(detector, subjects, slice_step=args.slice_step, settings=settings, region=args.region, progress=bar)

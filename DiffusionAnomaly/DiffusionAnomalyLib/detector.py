@@ -1,7 +1,7 @@
 """Whole-volume anomaly detection: volumes in, anomaly map / mask / healthy translation out.
 
-The detector reorients the channels to axial slices, normalises them over the volume's
-foreground, runs :func:`translate` on all slices with foreground in batches, and maps the
+The detector finds the brain, takes out each channel's bias field when asked (:mod:`.bias`),
+reorients the channels to axial slices, normalises them over the brain, runs :func:`translate` on all slices with foreground in batches, and maps the
 results back onto the input's voxel grid.
 """
 
