@@ -11,7 +11,11 @@ from typing import List, Optional, Sequence
 
 from . import __version__
 from .environment import keep_output_readable_on_any_terminal
+from .config import LESION_REGIONS
 from .settings import BIAS_CORRECTIONS, DEVICES, PRECISIONS, DetectionSettings, parse_threshold
+
+# The UNet's and the classifier's default architecture: (widths, attention per level).
+DEFAULT_ARCHITECTURE = ("32,64,64", "0,0,1")
 
 
 def _threshold_value(value: str):
@@ -104,13 +108,17 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true")
 
 
-def _add_network_options(parser: argparse.ArgumentParser, prefix: str, channels: str, attention: str) -> None:
+_ARCHITECTURE_OPTIONS = ("widths", "attention_levels", "res_blocks", "head_channels", "norm_groups")
+
+
+def _add_network_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    channels, attention = DEFAULT_ARCHITECTURE
     group = parser.add_argument_group(f"{prefix} architecture")
-    group.add_argument("--widths", type=_int_list, default=_int_list(channels), help=f"channels per level (default {channels})")
-    group.add_argument("--attention-levels", type=_bool_list, default=_bool_list(attention), help=f"attention per level (default {attention})")
-    group.add_argument("--res-blocks", type=int, default=1)
-    group.add_argument("--head-channels", type=int, default=32)
-    group.add_argument("--norm-groups", type=int, default=32)
+    group.add_argument("--widths", type=_int_list, help=f"channels per level (default {channels})")
+    group.add_argument("--attention-levels", type=_bool_list, help=f"attention per level (default {attention})")
+    group.add_argument("--res-blocks", type=int, help="residual blocks per level (default 1)")
+    group.add_argument("--head-channels", type=int, help="channels per attention head (default 32)")
+    group.add_argument("--norm-groups", type=int, help="GroupNorm groups (default 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,16 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion = commands.add_parser("train-diffusion", help="train the noise predictor on healthy slices")
     _add_training_options(diffusion)
     diffusion.add_argument("--channels", type=_name_list, default=("T1", "T1ce", "T2", "FLAIR"), help="channel names in order (BraTS: T1,T1ce,T2,FLAIR; CSV: column names)")
-    diffusion.add_argument("--image-size", type=int, default=64, help="side of the square model images")
+    diffusion.add_argument("--image-size", type=int, help="side of the square model images (default 64)")
     diffusion.add_argument("--train-on", choices=("healthy", "all"), default="healthy", help="healthy slices only, or all slices with a class embedding (as in the paper)")
+    diffusion.add_argument("--lesion-region", choices=tuple(LESION_REGIONS),
+                           help="the part of the lesion masks that makes a slice diseased, for both networks: whole (every label; default), "
+                                "core (labels 1, 3, 4: what a post-contrast T1 shows) or enhancing (3, 4); slices with only other labels are left out")
+    diffusion.add_argument("--clip-max", type=float,
+                           help="normalised intensities are clipped at this value, 1.0 being the brain's 99.5th percentile (default 1.0); "
+                                "above 1 keeps lesions brighter than any healthy tissue, e.g. an enhancing core on a post-contrast T1")
+    diffusion.add_argument("--init-from", type=Path, metavar="MODEL",
+                           help="start from this bundle's noise predictor (its architecture, image size and normalisation; a new class "
+                                "embedding starts at zero), keeping its classifier, defaults and calibration when the channels match")
     diffusion.add_argument("--ema-decay", type=float, default=0.999)
     diffusion.add_argument("--name", default="custom", help="model name for the card")
-    _add_network_options(diffusion, "UNet", "32,64,64", "0,0,1")
+    _add_network_options(diffusion, "UNet")
 
     classifier = commands.add_parser("train-classifier", help="train the noisy-input healthy/diseased classifier into a bundle")
     _add_training_options(classifier)
     classifier.add_argument("--ema-decay", type=float, default=0.0)
-    _add_network_options(classifier, "classifier", "32,64,64", "0,0,1")
+    _add_network_options(classifier, "classifier")
 
     evaluate = commands.add_parser("evaluate", help="Dice, AUROC, AUPRC and false positives on a labelled cohort")
     evaluate.add_argument("--model", required=True, type=Path)
@@ -156,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slice-step", type=int, default=1, help="score every N-th axial slice only (quick sweeps)")
     evaluate.add_argument("--also-thresholds", type=lambda v: [_threshold_value(x) for x in v.split(",")], default=[],
                           help="comma-separated thresholds ('calibrated', 'otsu' or values) also scored from the same maps")
-    evaluate.add_argument("--region", choices=("whole", "core", "enhancing"), default="whole",
+    evaluate.add_argument("--region", choices=tuple(LESION_REGIONS),
                           help="BraTS region scored as the lesion: the whole tumour (every label), its core (labels 1, 3, 4: what a "
-                               "post-contrast T1 shows) or the enhancing part (3, 4)")
+                               "post-contrast T1 shows) or the enhancing part (3, 4); default: the model's (its card's lesion_region)")
     evaluate.add_argument("--reconstruction-baseline", action="store_true",
                           help="also translate without guidance, to compare the healthy-tissue error with a plain reconstruction")
     _add_detection_options(evaluate)
@@ -182,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "with lesions (never the test data)")
     calibrate.add_argument("--limit", type=int, help="only the first N subjects")
     calibrate.add_argument("--slice-step", type=int, default=1, help="use every N-th axial slice only (quicker)")
-    calibrate.add_argument("--region", choices=("whole", "core", "enhancing"), default="whole", help="BraTS region that is the lesion (see evaluate)")
+    calibrate.add_argument("--region", choices=tuple(LESION_REGIONS), help="BraTS region that is the lesion (see evaluate; default: the model's)")
     calibrate.add_argument("--dry-run", action="store_true", help="print the choice without changing the card")
     _add_detection_options(calibrate)
 
@@ -351,12 +368,17 @@ def _training_settings(args, network: str):
 def _network_config(args):
     from .config import NetworkConfig
 
+    channels, attention = DEFAULT_ARCHITECTURE
+
+    def given(value, default):
+        return default if value is None else value
+
     return NetworkConfig(
-        channels=args.widths,
-        attention_levels=args.attention_levels,
-        num_res_blocks=args.res_blocks,
-        num_head_channels=args.head_channels,
-        norm_num_groups=args.norm_groups,
+        channels=given(args.widths, _int_list(channels)),
+        attention_levels=given(args.attention_levels, _bool_list(attention)),
+        num_res_blocks=given(args.res_blocks, 1),
+        num_head_channels=given(args.head_channels, 32),
+        norm_num_groups=given(args.norm_groups, 32),
     )
 
 
@@ -373,37 +395,78 @@ def _dataset(args, card):
     return subjects, dataset
 
 
-def _train(args, card, network: str, train) -> None:
-    """Reads the slices, trains one network and reports where the bundle went (first process only)."""
+def _train(args, card, network: str, train, **options) -> bool:
+    """Reads the slices, trains one network and reports where the bundle went; true on the first process."""
     subjects, dataset = _dataset(args, card)
     settings = _training_settings(args, network)
     settings.extra["subjects"] = len(subjects)
-    out = train(dataset, card, args.out, settings)
+    out = train(dataset, card, args.out, settings, **options)
     if out is not None:
         print(f"wrote the {network} network to {out}")
+    return out is not None
+
+
+def _starting_model(args):
+    """The bundle ``--init-from`` names, checked against the options it cannot be combined with."""
+    from .bundle import load_bundle
+
+    given = [f"--{name.replace('_', '-')}" for name in (*_ARCHITECTURE_OPTIONS, "image_size") if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --init-from: the architecture and image size are those of {args.init_from}")
+    start = load_bundle(args.init_from)
+    if len(start.card.channels) != len(args.channels):
+        raise ValueError(f"--init-from {args.init_from} takes {len(start.card.channels)} channel(s) ({', '.join(start.card.channels)}), "
+                         f"--channels names {len(args.channels)}: start from a model with as many channels")
+    if start.card.class_conditional and args.train_on != "all":
+        raise ValueError(f"{args.init_from} was trained on all slices with a class embedding: continue it with --train-on all")
+    return start
 
 
 def run_train_diffusion(args) -> None:
+    from dataclasses import replace
+
     from .cards import CARD_FILE, load_card
     from .config import ModelCard
     from .training import train_diffusion
 
+    start = _starting_model(args) if args.init_from is not None else None
+    base = start.card if start is not None else ModelCard(image_size=(args.image_size or 64,) * 2, unet=_network_config(args))
+    normalisation = base.normalisation if args.clip_max is None else replace(base.normalisation, clip_max=args.clip_max)
     card = ModelCard(
         channels=args.channels,
-        image_size=(args.image_size, args.image_size),
-        unet=_network_config(args),
+        image_size=base.image_size,
+        unet=base.unet,
         class_conditional=args.train_on == "all",
+        lesion_region=args.lesion_region or base.lesion_region,
+        schedule=base.schedule,
+        normalisation=normalisation,
         name=args.name,
     )
     card.validate()
-    if (args.out / CARD_FILE).is_file():
-        existing = load_card(args.out)
-        same_data = (existing.channels, existing.image_size, existing.normalisation, existing.schedule) == (card.channels, card.image_size, card.normalisation, card.schedule)
-        if same_data and existing.classifier is not None:
-            card.classifier = existing.classifier
-            card.training["classifier"] = existing.training.get("classifier")
-            card.defaults, card.metrics, card.description = existing.defaults, existing.metrics, existing.description
-    _train(args, card, "diffusion", train_diffusion)
+    if start is not None:
+        card.training["init_from"] = {"model": start.card.name, "path": str(args.init_from), "channels": list(start.card.channels),
+                                      "class_conditional": start.card.class_conditional, "diffusion": start.card.training.get("diffusion")}
+
+    def same_inputs(other: ModelCard) -> bool:
+        fields = ("channels", "image_size", "normalisation", "schedule", "lesion_region")
+        return all(getattr(other, name) == getattr(card, name) for name in fields)
+
+    # The classifier, defaults and calibration stay with the slices they were made for: an earlier
+    # bundle at --out (a resumed run) or the starting model. Metrics describe other weights.
+    earlier = load_card(args.out) if (args.out / CARD_FILE).is_file() else None
+    keep_from, kept = next(((path, other) for path, other in ((args.out, earlier), (args.init_from, start and start.card))
+                            if other is not None and other.classifier is not None and same_inputs(other)), (None, None))
+    if kept is not None:
+        card.classifier = kept.classifier
+        card.training["classifier"] = kept.training.get("classifier")
+        card.defaults, card.calibration, card.description = kept.defaults, kept.calibration, kept.description
+        if keep_from == args.out:
+            card.metrics = kept.metrics
+    if earlier is not None and "init_from" in earlier.training:
+        card.training.setdefault("init_from", earlier.training["init_from"])
+    first_process = _train(args, card, "diffusion", train_diffusion, start=start, classifier_from=keep_from)
+    if first_process and start is not None and keep_from == args.init_from:
+        print(f"kept the classifier, defaults and calibration of {args.init_from}: run calibrate again for the new network")
 
 
 def run_train_classifier(args) -> None:
@@ -430,6 +493,7 @@ def _cohort(args):
         raise ValueError(f"--limit must be at least 1 subject, got {args.limit}")
     detector = AnomalyDetector.from_bundle(args.model, device=args.device)
     settings = _settings(args).resolve(detector.card)
+    args.region = args.region or detector.card.lesion_region
     return detector, settings, load_subjects(args.data, detector.card.channels)[: args.limit]
 
 

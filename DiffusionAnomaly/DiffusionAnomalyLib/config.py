@@ -14,6 +14,15 @@ from .settings import CARD_DEFAULTS, DetectionSettings
 
 T = TypeVar("T")
 
+# BraTS regions that count as "the lesion", by label (2021: 1 necrosis, 2 oedema, 4 enhancing;
+# 2023: 3 enhancing); ``None``: every label. A post-contrast T1 shows the core, not the oedema.
+LESION_REGIONS: Dict[str, Optional[Tuple[int, ...]]] = {"whole": None, "core": (1, 3, 4), "enhancing": (3, 4)}
+
+
+def check_lesion_region(region: str) -> None:
+    if region not in LESION_REGIONS:
+        raise ValueError(f"unknown lesion region '{region}': use one of {', '.join(LESION_REGIONS)}")
+
 
 def _from_dict(cls: Type[T], data: Dict[str, Any], where: str) -> T:
     """Builds a dataclass from a dict, naming unknown keys instead of failing obscurely."""
@@ -84,6 +93,14 @@ class NormalisationConfig:
     upper_percentile: float = 99.5
     clip_max: float = 1.0
 
+    def validate(self) -> None:
+        if self.foreground not in ("nonzero", "otsu"):
+            raise ValueError(f"normalisation foreground must be 'nonzero' or 'otsu', got {self.foreground!r}")
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(f"normalisation percentiles must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile} and {self.upper_percentile}")
+        if not 1.0 <= self.clip_max <= 10.0:
+            raise ValueError(f"clip_max must be between 1 (the upper percentile) and 10, got {self.clip_max}")
+
 
 @dataclass
 class CalibrationConfig:
@@ -120,6 +137,9 @@ class ModelCard:
         class_conditional: the noise predictor was trained on both classes with a class
             embedding (then decoding conditions it on the healthy class).
         healthy_class: label index of "healthy" in the classifier output.
+        lesion_region: the part of a lesion mask (``LESION_REGIONS``) that makes a training slice
+            diseased, and what evaluation scores by default: ``core`` for a sequence that shows the
+            tumour core but not the oedema around it.
         calibration: the constants of the calibrated threshold, chosen on the model's validation data.
     """
 
@@ -129,6 +149,7 @@ class ModelCard:
     classifier: Optional[NetworkConfig] = None
     class_conditional: bool = False
     healthy_class: int = 0
+    lesion_region: str = "whole"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     normalisation: NormalisationConfig = field(default_factory=NormalisationConfig)
     defaults: DetectionSettings = CARD_DEFAULTS
@@ -153,10 +174,12 @@ class ModelCard:
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise ValueError(f"image_size must be two sizes >= 8, got {self.image_size}")
         self.unet.validate("unet")
+        self.normalisation.validate()
         if self.classifier is not None:
             self.classifier.validate("classifier")
         if self.healthy_class not in (0, 1):
             raise ValueError("healthy_class must be 0 or 1")
+        check_lesion_region(self.lesion_region)
         self.calibration.validate()
         if self.defaults.resolve(self) != self.defaults:
             raise ValueError("the default settings must be complete, checked values (see DetectionSettings.resolve)")
@@ -165,6 +188,9 @@ class ModelCard:
         """A few lines for a model picker: name, channels, and the recorded test scores."""
         lines = [f"{self.name}: {self.description}" if self.description else self.name,
                  f"Channels: {', '.join(self.channels)}; slices at {self.image_size[0]}x{self.image_size[1]}."]
+        if self.lesion_region != "whole":
+            lines.append(f"Trained to flag the tumour {self.lesion_region} (BraTS labels {', '.join(map(str, LESION_REGIONS[self.lesion_region]))}), "
+                         "not the oedema around it.")
         recorded = [(name, entry["pooled"]) for name, entry in self.metrics.items() if isinstance(entry, dict) and isinstance(entry.get("pooled"), dict)]
         if recorded:
             name, pooled = next(((n, p) for n, p in recorded if n == "test_default"), recorded[0])

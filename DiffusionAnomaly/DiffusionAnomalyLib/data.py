@@ -1,7 +1,9 @@
 """Training and evaluation data: subjects from a BraTS-layout folder or a CSV, cut into slices.
 
-A slice is labelled diseased (1) when its mask has any voxel > 0, healthy (0) otherwise:
-image-level labels are all the method needs for training.
+A slice is labelled diseased (1) when its mask has a voxel of the model's lesion region (any
+voxel > 0 for the whole lesion), healthy (0) when it has no lesion voxel at all: image-level
+labels are all the method needs for training. A slice holding only other parts of a lesion
+(oedema without core, for a ``core`` model) is neither and is left out of training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from .config import ModelCard
+from .config import LESION_REGIONS, ModelCard, check_lesion_region
 from .imageio import check_same_grid, read_image
 from .preprocessing import PreparedVolume, prepare_volume
 
@@ -31,6 +33,14 @@ BRATS_SUFFIXES: Dict[str, Tuple[str, ...]] = {
 MASK_SUFFIXES = ("seg",)
 BRATS_CHANNELS = ("T1", "T1ce", "T2", "FLAIR")
 HEALTHY, DISEASED = 0, 1
+OTHER_LESION = -1  # a slice with lesion voxels outside the model's region: not used for training
+
+
+def lesion_region(mask: np.ndarray, region: str = "whole") -> np.ndarray:
+    """The voxels of a BraTS label map that belong to ``region`` (see ``LESION_REGIONS``)."""
+    check_lesion_region(region)
+    labels = LESION_REGIONS[region]
+    return mask > 0 if labels is None else np.isin(mask, labels)
 
 
 @dataclass
@@ -140,7 +150,7 @@ def read_subject(subject: Subject, channel_names: Sequence[str]) -> Tuple[np.nda
 @dataclass
 class SubjectSlices:
     prepared: PreparedVolume
-    labels: np.ndarray  # per prepared slice: 0 healthy, 1 diseased
+    labels: np.ndarray  # per prepared slice: HEALTHY, DISEASED or OTHER_LESION
 
 
 def labelled_slices(
@@ -148,11 +158,14 @@ def labelled_slices(
 ) -> SubjectSlices:
     """Model-size slices of a (C, k, j, i) volume and their image-level labels (healthy without a mask)."""
     prepared = prepare_volume(arrays, direction, card.channels, card.image_size, card.normalisation, min_foreground_fraction)
-    if mask is None:
-        labels = np.zeros(len(prepared.indices), dtype=np.int64)
-    else:
-        lesion = prepared.orientation.to_canonical(mask > 0)
-        labels = lesion[prepared.indices].reshape(len(prepared.indices), -1).any(axis=1).astype(np.int64)
+    labels = np.full(len(prepared.indices), HEALTHY, dtype=np.int64)
+    if mask is not None:
+
+        def in_slice(voxels: np.ndarray) -> np.ndarray:
+            return prepared.orientation.to_canonical(voxels)[prepared.indices].reshape(len(prepared.indices), -1).any(axis=1)
+
+        labels[in_slice(mask > 0)] = OTHER_LESION
+        labels[in_slice(lesion_region(mask, card.lesion_region))] = DISEASED
     return SubjectSlices(prepared, labels)
 
 
@@ -180,8 +193,9 @@ class SliceDataset(Dataset):
         images, labels = [], []
         for number, subject in enumerate(subjects, 1):
             slices = subject_slices(subject, card, min_foreground_fraction)
-            images.append(slices.prepared.images.to(torch.float16))
-            labels.append(torch.from_numpy(slices.labels))
+            used = torch.from_numpy(slices.labels != OTHER_LESION)
+            images.append(slices.prepared.images.to(torch.float16)[used])
+            labels.append(torch.from_numpy(slices.labels)[used])
             if progress is not None:
                 progress(number, len(subjects))
         return cls(torch.cat(images), torch.cat(labels))

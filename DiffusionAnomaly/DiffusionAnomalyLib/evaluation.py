@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .data import Subject, labelled_slices, read_subject
+from .config import check_lesion_region
+from .data import DISEASED, HEALTHY, Subject, labelled_slices, lesion_region, read_subject
 from .detector import AnomalyDetector
 from .thresholds import HEALTHY_PROBABILITY, CalibrationSample, summary_value, threshold_map
 from .imageio import Geometry
@@ -129,23 +130,6 @@ class _ThresholdTally:
         }
 
 
-# BraTS regions scored as "the lesion", by label (2021: 1 necrosis, 2 oedema, 4 enhancing;
-# 2023: 3 enhancing). A post-contrast T1 shows the core, not the oedema around it.
-LESION_REGIONS: Dict[str, Optional[Tuple[int, ...]]] = {"whole": None, "core": (1, 3, 4), "enhancing": (3, 4)}
-
-
-def _check_region(region: str) -> None:
-    if region not in LESION_REGIONS:
-        raise ValueError(f"unknown lesion region '{region}': use one of {', '.join(LESION_REGIONS)}")
-
-
-def lesion_region(mask: np.ndarray, region: str = "whole") -> np.ndarray:
-    """The voxels of a BraTS label map that belong to ``region`` (see ``LESION_REGIONS``)."""
-    _check_region(region)
-    labels = LESION_REGIONS[region]
-    return mask > 0 if labels is None else np.isin(mask, labels)
-
-
 def evaluate_subjects(
     detector: AnomalyDetector,
     subjects: Sequence[Subject],
@@ -171,7 +155,7 @@ def evaluate_subjects(
         region: the part of the tumour scored as the lesion (``LESION_REGIONS``); a subject
             is healthy only without any lesion label, and its size group is that of the whole lesion.
     """
-    _check_region(region)  # before any work
+    check_lesion_region(region)  # before any work
     settings = (settings or DetectionSettings()).resolve(detector.card)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -229,11 +213,13 @@ def evaluate_subjects(
         return float(np.mean(values)) if values else None
 
     labels = np.concatenate(slice_labels)
+    # Slices holding only another part of the lesion (oedema for a core model) are neither class.
+    scored = (labels == HEALTHY) | (labels == DISEASED)
     classifier_auroc = {}
     for t, probabilities in slice_probs.items():
-        values = np.concatenate(probabilities)
-        usable = labels.any() and not labels.all() and not np.isnan(values).any()
-        classifier_auroc[str(t)] = float(roc_auc_score(labels, values)) if usable else None
+        values = np.concatenate(probabilities)[scored]
+        usable = len(np.unique(labels[scored])) == 2 and not np.isnan(values).any()
+        classifier_auroc[str(t)] = float(roc_auc_score(labels[scored], values)) if usable else None
     pooled = {
         "dice": tally.summary()["pooled_dice"],
         **ranking_scores(np.concatenate(pooled_scores), np.concatenate(pooled_truth)),
@@ -252,7 +238,7 @@ def evaluate_subjects(
         "classifier_auroc_by_t": classifier_auroc,
         "healthy_subjects_fp_percent": tally.summary()["healthy_subjects_fp_percent"],
         "thresholds": {name: t.summary() for name, t in extra.items()},
-        "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int(labels.sum())},
+        "counts": {"subjects": len(rows), "healthy_subjects": len(healthy_rows), "slices": int(len(labels)), "diseased_slices": int((labels == DISEASED).sum())},
         "settings": {"slice_step": slice_step, "region": region, **settings.to_dict()},
     }
 
@@ -307,7 +293,7 @@ def calibration_samples(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> List[CalibrationSample]:
     """Each subject's map at ``settings``, in the canonical orientation, for :func:`.thresholds.choose_calibration`."""
-    _check_region(region)
+    check_lesion_region(region)
     settings = (settings or DetectionSettings()).resolve(detector.card)
     samples = []
     for number, subject in enumerate(subjects, 1):

@@ -175,6 +175,8 @@ def run_training(
         state = torch.load(checkpoint, map_location=cluster.device, weights_only=True)
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the learning rate asked for now, not the checkpoint's
+            group["lr"] = settings.learning_rate
         scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
@@ -274,14 +276,35 @@ def _existing_bundle(out: Path) -> Optional[ModelBundle]:
     return load_bundle(out) if (bundle_dir(out) / CARD_FILE).is_file() else None
 
 
-def train_diffusion(dataset: SliceDataset, card: ModelCard, out: Path, settings: TrainSettings) -> Optional[Path]:
+def start_from(unet: torch.nn.Module, start: torch.nn.Module) -> None:
+    """Copies the weights of another noise predictor of the same architecture into ``unet``.
+
+    The one part ``unet`` may have in addition is a class embedding (training on all slices
+    from a model trained on healthy ones): it starts at zero, so the first predictions are
+    exactly the starting model's, whatever the class.
+    """
+    missing, unexpected = unet.load_state_dict(start.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("class_embedding.") for key in missing):
+        raise ValueError(f"the starting model's noise predictor does not fit this one (missing {missing}, unexpected {unexpected})")
+    if missing:
+        with torch.no_grad():
+            unet.class_embedding.weight.zero_()
+
+
+def train_diffusion(dataset: SliceDataset, card: ModelCard, out: Path, settings: TrainSettings, start: Optional[ModelBundle] = None,
+                    classifier_from: Optional[Path] = None) -> Optional[Path]:
     """Trains ε_θ on the healthy slices (or on all slices, class-conditionally) and writes the bundle.
 
-    The classifier of an existing bundle at ``out`` is kept. Returns the bundle folder on
-    the main process and ``None`` on the others.
+    Args:
+        start: a bundle whose noise predictor the training starts from (a checkpoint, when
+            resuming, takes precedence).
+        classifier_from: a bundle whose classifier goes into the new one (its card's classifier
+            configuration must be ``card.classifier``); otherwise the bundle has no classifier.
+
+    Returns the bundle folder on the main process and ``None`` on the others.
     """
     cluster = Distributed.setup(settings.device)
-    existing = _existing_bundle(out) if cluster.is_main else None
+    kept = load_bundle(classifier_from) if cluster.is_main and classifier_from is not None else None
     training_set = dataset if card.class_conditional else dataset.subset(HEALTHY)
     scheduler = _scheduler(card)
 
@@ -290,12 +313,15 @@ def train_diffusion(dataset: SliceDataset, card: ModelCard, out: Path, settings:
         class_labels = labels if card.class_conditional else None
         return F.mse_loss(model(noisy, timesteps=t, class_labels=class_labels).float(), noise)
 
-    unet, record = run_training(build_unet(card), loss_fn, training_set, settings, cluster, "diffusion model")
+    unet = build_unet(card)
+    if start is not None:
+        start_from(unet, start.unet)
+    unet, record = run_training(unet, loss_fn, training_set, settings, cluster, "diffusion model")
     cluster.barrier()
     if not cluster.is_main:
         return None
     card.training["diffusion"] = {**record, "slices_used": "all, class-conditional" if card.class_conditional else "healthy only"}
-    classifier = existing.classifier if existing is not None and existing.card.classifier == card.classifier else None
+    classifier = kept.classifier if kept is not None and kept.card.classifier == card.classifier else None
     if classifier is None:
         card.classifier = None
     return save_bundle(out, card, unet, classifier)
@@ -312,7 +338,8 @@ def train_classifier(dataset: SliceDataset, card: ModelCard, out: Path, settings
     if (counts == 0).any():
         raise ValueError(
             f"the classifier needs healthy and diseased slices; the data has {int(counts[HEALTHY])} healthy and "
-            f"{int(counts[DISEASED])} diseased (a slice is diseased when its mask has a voxel > 0)"
+            f"{int(counts[DISEASED])} diseased (a slice is diseased when its mask has a voxel of the model's lesion region, "
+            f"'{card.lesion_region}')"
         )
     # Balanced cross-entropy: diseased slices are usually the minority.
     class_weights = (counts.sum() / (2 * counts)).to(cluster.device)
