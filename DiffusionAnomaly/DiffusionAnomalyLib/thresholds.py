@@ -47,8 +47,10 @@ MIN_SLICE_VOXELS = 200
 HEALTHY_PROBABILITY = 0.5
 # The share of a healthy brain the product may flag, in percent; calibration keeps half of it as margin.
 FALSE_POSITIVE_LIMIT_PERCENT = 0.5
-NOISE_FLOOR_CHOICES = (4.0, 5.0, 6.0, 6.5, 7.0, 8.0, 10.0)
-SLICE_FLOOR_CHOICES = (None, 3.0, 4.0, 5.0, 6.0, 8.0)
+# The widths calibrate tries. A post-contrast T1's map stands far above its noise in the
+# enhancing core, so its best widths lie beyond those of the FLAIR and four-sequence maps.
+NOISE_FLOOR_CHOICES = (4.0, 5.0, 6.0, 6.5, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)
+SLICE_FLOOR_CHOICES = (None, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 
 
 def _noise_floor(values: np.ndarray, mads: float) -> float:

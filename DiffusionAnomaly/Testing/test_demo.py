@@ -36,20 +36,26 @@ def test_every_bundled_model_is_verified_documented_and_small_enough_to_ship():
     assert total_bytes <= 80 * 10**6
 
 
-def test_a_flair_alone_gets_the_bundled_flair_model_which_finds_the_tumour(tmp_path, capsys):
-    model, order = resources.model_for_sequences(["FLAIR"])
-    assert load_bundle(model).card.channels == ("FLAIR",) and order == [0]
-    source = resources.sample_channels()[resources.SAMPLE_CHANNEL_SUFFIXES.index("flair")]
-    study = tmp_path / "study_FLAIR.nii.gz"
+# BraTS labels of what each single-sequence model is trained to flag: FLAIR shows the whole
+# tumour with its oedema (1, 2, 4), a post-contrast T1 the tumour core (1, 4).
+@pytest.mark.parametrize("sequence, labels", [("FLAIR", (1, 2, 4)), ("T1ce", (1, 4))])
+def test_a_single_sequence_gets_its_bundled_model_which_finds_the_tumour(tmp_path, capsys, sequence, labels):
+    model, order = resources.model_for_sequences([sequence])
+    assert load_bundle(model).card.channels == (sequence,) and order == [0]
+    source = resources.sample_channels()[resources.SAMPLE_CHANNEL_SUFFIXES.index(sequence.lower())]
+    study = tmp_path / f"study_{sequence}.nii.gz"
     shutil.copy(source, study)
     assert main(["detect", str(study), "--output-map", str(tmp_path / "map.nii.gz"), "--steps", "6", "--device", "cpu"]) == 0
-    assert f"model {model.name} (FLAIR)" in capsys.readouterr().out
+    assert f"model {model.name} ({sequence})" in capsys.readouterr().out
     values = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "map.nii.gz")))
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask()))) > 0
+    labelled = sitk.GetArrayFromImage(sitk.ReadImage(str(resources.sample_mask())))
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(source))) > 0
-    assert values[truth].mean() > 2 * values[brain & ~truth].mean()
-    with pytest.raises(ValueError, match="no model fits the sequences given \\(T1ce\\)"):
-        resources.model_for_sequences(["T1ce"])
+    assert values[np.isin(labelled, labels)].mean() > 2 * values[brain & (labelled == 0)].mean()
+
+
+def test_a_sequence_no_bundled_model_takes_is_refused_naming_it():
+    with pytest.raises(ValueError, match="no model fits the sequences given \\(T2\\)"):
+        resources.model_for_sequences(["T2"])
 
 
 def test_sample_study_matches_its_checksums():
