@@ -566,11 +566,13 @@ def run_calibrate(args) -> None:
     finally:
         bar.close()
     chosen, rows = choose_calibration(samples, detector.card.calibration.quantile)
-    print(f"{'noise floor':>11} {'slice floor':>11} {'pooled Dice':>11} {'healthy FP %':>12}")
+    print(f"{'noise floor':>11} {'slice floor':>11} {'peak fraction':>13} {'pooled Dice':>11} {'healthy FP %':>12}")
     for row in rows:
-        print(f"{row['noise_floor_mads']:>11g} {str(row['slice_floor_mads'] or '-'):>11} {row['pooled_dice']:>11.3f} {row['healthy_fp_percent']:>12.2f}")
+        print(f"{row['noise_floor_mads']:>11g} {str(row['slice_floor_mads'] or '-'):>11} {str(row['peak_fraction'] or '-'):>13} "
+              f"{row['pooled_dice']:>11.3f} {row['healthy_fp_percent']:>12.2f}")
     print(f"chosen (best pooled Dice with healthy FP <= {FALSE_POSITIVE_LIMIT_PERCENT / 2:g} %): noise floor {chosen.noise_floor_mads:g} MADs, "
-          f"slice floor {chosen.slice_floor_mads if chosen.slice_floor_mads is not None else 'not used'}")
+          f"slice floor {chosen.slice_floor_mads if chosen.slice_floor_mads is not None else 'not used'}, "
+          f"peak fraction {chosen.peak_fraction if chosen.peak_fraction is not None else 'not used'}")
     if args.dry_run:
         return
     card = load_card(args.model)
@@ -578,7 +580,8 @@ def run_calibrate(args) -> None:
     card.metrics["calibration"] = {
         "data": str(args.data), "subjects": len(samples), "healthy_subjects": sum(s.healthy_subject for s in samples),
         "settings": {"slice_step": args.slice_step, "region": args.region, **settings.to_dict()},
-        "chosen": next(r for r in rows if (r["noise_floor_mads"], r["slice_floor_mads"]) == (chosen.noise_floor_mads, chosen.slice_floor_mads)),
+        "chosen": next(r for r in rows if (r["noise_floor_mads"], r["slice_floor_mads"], r["peak_fraction"])
+                       == (chosen.noise_floor_mads, chosen.slice_floor_mads, chosen.peak_fraction)),
     }
     update_card(args.model, card)
     print(f"stored in the card of {args.model}")

@@ -110,11 +110,14 @@ class CalibrationConfig:
         quantile: share of the healthy-looking brain left below the threshold.
         noise_floor_mads: width of the scan-wide noise floor, in robust standard deviations.
         slice_floor_mads: width of each axial slice's own noise floor; ``None``: not used.
+        peak_fraction: each region above the floor, in its axial slice, keeps only what exceeds
+            this share of its own peak; ``None``: the floor alone.
     """
 
     quantile: float = 0.995
     noise_floor_mads: float = 6.5
     slice_floor_mads: Optional[float] = None
+    peak_fraction: Optional[float] = None
 
     def validate(self) -> None:
         if not 0.5 <= self.quantile < 1:
@@ -123,6 +126,8 @@ class CalibrationConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 50:
                 raise ValueError(f"calibration {name} must be between 0 and 50, got {value}")
+        if self.peak_fraction is not None and not 0 < self.peak_fraction < 1:
+            raise ValueError(f"calibration peak_fraction must be between 0 and 1, got {self.peak_fraction}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .bias import correct_bias
 from .brain import find_brain
 from .preprocessing import BACKGROUND, IntensityScale, denormalise, foreground_mask, prepare_volume
 from .settings import DetectionSettings
-from .thresholds import HEALTHY_PROBABILITY, calibrated_threshold, threshold_map
+from .thresholds import HEALTHY_PROBABILITY, ScanThreshold, calibrated_threshold, threshold_map
 from .translation import TimeModel, ddim_timesteps, translate
 
 ChannelInput = Union[np.ndarray, sitk.Image]
@@ -72,8 +72,8 @@ class DetectionResult:
             slices), for re-thresholding.
         threshold: the threshold value that produced ``mask``.
         calibrated_threshold: the threshold read off this scan's healthy-looking brain
-            (``thresholds.calibrated_threshold``), whatever threshold was asked for: one
-            value per axial slice, shaped to broadcast over ``anomaly_map``.
+            (``thresholds.calibrated_threshold``), whatever threshold was asked for, to cut
+            ``anomaly_map`` again.
         settings: the resolved settings that produced this result.
         brain_mask: the brain of the whole volume the detection used (uint8).
         brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
@@ -90,7 +90,7 @@ class DetectionResult:
     healthy: List[np.ndarray]
     foreground: np.ndarray
     threshold: float
-    calibrated_threshold: np.ndarray
+    calibrated_threshold: ScanThreshold
     settings: DetectionSettings
     brain_mask: np.ndarray
     brain_source: str
@@ -279,7 +279,7 @@ class AnomalyDetector:
             healthy=[back(channel).astype(np.float32) for channel in healthy],
             foreground=back(analysed),
             threshold=threshold_value,
-            calibrated_threshold=back(calibrated),
+            calibrated_threshold=calibrated.reoriented(back),
             settings=settings,
             brain_mask=back(foreground).astype(np.uint8),
             brain_source=brain.source if brain is not None else "non-zero voxels (skull-stripped input)",

@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from .config import check_lesion_region
 from .data import DISEASED, HEALTHY, Subject, labelled_slices, lesion_region, read_subject
 from .detector import AnomalyDetector
-from .thresholds import HEALTHY_PROBABILITY, CalibrationSample, summary_value, threshold_map
+from .thresholds import HEALTHY_PROBABILITY, CalibrationSample, threshold_map
 from .imageio import Geometry
 from .preprocessing import Orientation
 from .healing import by_size, healing_scores, size_group
@@ -182,7 +182,7 @@ def evaluate_subjects(
             **ranking_scores(result.anomaly_map[foreground], truth[foreground]),
             "healthy_slice_fp_percent": _healthy_slice_false_positive_percent(prediction, lesion & evaluated, foreground, geometry.direction),
             "threshold": result.threshold,
-            "calibrated_threshold": summary_value(result.calibrated_threshold),
+            "calibrated_threshold": result.calibrated_threshold.summary(),
             "seconds": round(result.seconds, 2),
             **_healing(subject, arrays, result, truth, foreground, healthy_subject, detector.card.channels),
         }

@@ -48,7 +48,7 @@ from .settings import DetectionSettings
 # Where ``python -m DiffusionAnomalyLib.process_job`` can import this package from.
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 LOG_FILE = "output.log"
-RESULT_ARRAYS = ("anomaly_map", "mask", "foreground", "brain_mask", "slice_probabilities", "calibrated_threshold")
+RESULT_ARRAYS = ("anomaly_map", "mask", "foreground", "brain_mask", "slice_probabilities")
 PARENT_CHECK_SECONDS = 1.0
 EXIT_PARENT_GONE = 3
 _LOG_TAIL_LINES = 40
@@ -220,6 +220,7 @@ class ProcessJob(DetectionJob):
     def _load_result(self):
         from .detector import DetectionResult
         from .preprocessing import IntensityScale
+        from .thresholds import ScanThreshold
 
         summary = json.loads((self._folder / "result.json").read_text(encoding="utf-8"))
         arrays = {name: np.load(self._folder / f"{name}.npy") for name in RESULT_ARRAYS}
@@ -227,6 +228,7 @@ class ProcessJob(DetectionJob):
         geometry = Geometry(**{k: tuple(v) for k, v in summary.pop("geometry").items()})
         settings = DetectionSettings.from_dict(summary.pop("settings"))
         scale = IntensityScale(**{k: tuple(v) for k, v in summary.pop("intensity_scale").items()})
+        summary["calibrated_threshold"] = ScanThreshold.from_text(summary["calibrated_threshold"])
         return DetectionResult(intensity_scale=scale, healthy=healthy, geometry=geometry, settings=settings, **arrays, **summary)
 
 
@@ -292,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             np.save(folder / healthy[-1], channel)
         (folder / "result.json").write_text(json.dumps({
             "threshold": result.threshold,
+            "calibrated_threshold": result.calibrated_threshold.to_text(),
             "intensity_scale": asdict(result.intensity_scale),
             "brain_source": result.brain_source,
             "bias_correction": result.bias_correction,

@@ -70,7 +70,8 @@ LABELS = {
 FIXED = "fixed"
 PANEL_THRESHOLD_MODES = THRESHOLD_MODES + (FIXED,)
 THRESHOLD_MEANINGS = {
-    CALIBRATED: "calibrated on this scan: above the top 0.5 % and the noise floor of its healthy-looking brain, and of each slice where the model uses slice floors",
+    CALIBRATED: ("calibrated on this scan: above the top 0.5 % and the noise floor of its healthy-looking brain (and of each slice where the "
+                 "model uses slice floors); where the model says so, each region keeps only what exceeds a share of its own peak"),
     OTSU: "Otsu's split of this map into two classes (it flags part of any brain, healthy ones too)",
     FIXED: "a fixed map value: the sum over sequences of the difference to the healthy translation (0 to 1 each)",
 }

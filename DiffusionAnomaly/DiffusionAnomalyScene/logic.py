@@ -230,15 +230,13 @@ class AnomalySceneLogic:
         return found.get("vtkMRMLScalarVolumeNode"), found.get("vtkMRMLSegmentationNode")
 
     def _record(self, map_node, pending: PendingDetection, result) -> None:
-        from DiffusionAnomalyLib.thresholds import threshold_to_text
-
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Model", pending.request.model)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Settings", json.dumps(result.settings.to_dict()))
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(result.threshold)))
-        # One value per axial slice, as JSON: a saved scene keeps it, since vtkMRMLNode::WriteXML
+        # Its floor per axial slice and peak fraction, as JSON: a saved scene keeps it, since vtkMRMLNode::WriteXML
         # escapes only ';' and '%' in attribute values and ReadXMLAttributes splits at the first ':'
         # (Slicer Libs/MRML/Core/vtkMRMLNode.cxx).
-        map_node.SetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold", threshold_to_text(result.calibrated_threshold))
+        map_node.SetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold", result.calibrated_threshold.to_text())
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels", str(result.settings.min_component_voxels))
 
     # -- re-threshold --------------------------------------------------------------------------
@@ -246,7 +244,7 @@ class AnomalySceneLogic:
     def rethreshold(self, map_node, segmentation_node, threshold: Threshold,
                     min_component_voxels: Optional[int] = None) -> Tuple[int, float]:
         """Re-cuts the segmentation from the map node's values; returns (voxels, threshold)."""
-        from DiffusionAnomalyLib.thresholds import threshold_from_text, threshold_map
+        from DiffusionAnomalyLib.thresholds import ScanThreshold, threshold_map
 
         if map_node is None or map_node.GetImageData() is None:
             raise ValueError("there is no anomaly map to threshold yet: run Detect anomalies first")
@@ -259,7 +257,7 @@ class AnomalySceneLogic:
         if min_component_voxels is None:
             min_component_voxels = int(map_node.GetAttribute(ATTRIBUTE_PREFIX + "MinComponentVoxels") or 0)
         calibrated = map_node.GetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold")
-        mask, value = threshold_map(anomaly_map, analysed, threshold, min_component_voxels, threshold_from_text(calibrated) if calibrated else None)
+        mask, value = threshold_map(anomaly_map, analysed, threshold, min_component_voxels, ScanThreshold.from_text(calibrated) if calibrated else None)
         outputs.write_segment(self.scene, segmentation_node, mask, map_node)
         self.show_threshold(map_node, value)
         map_node.SetAttribute(ATTRIBUTE_PREFIX + "Threshold", repr(float(value)))
@@ -268,12 +266,12 @@ class AnomalySceneLogic:
     @staticmethod
     def threshold_value(map_node, threshold: Threshold) -> Optional[float]:
         """The map value a threshold choice stands for on this map, when it is known without a re-cut."""
-        from DiffusionAnomalyLib.thresholds import summary_value, threshold_from_text
+        from DiffusionAnomalyLib.thresholds import ScanThreshold
 
         if isinstance(threshold, (int, float)):
             return float(threshold)
         stored = map_node.GetAttribute(ATTRIBUTE_PREFIX + "CalibratedThreshold") if map_node is not None else None
-        return summary_value(threshold_from_text(stored)) if threshold == CALIBRATED and stored else None
+        return ScanThreshold.from_text(stored).summary() if threshold == CALIBRATED and stored else None
 
     @staticmethod
     def show_threshold(map_node, value: float) -> None:

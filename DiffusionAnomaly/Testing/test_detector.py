@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from DiffusionAnomalyLib.detector import AnomalyDetector
 from DiffusionAnomalyLib.config import CalibrationConfig
-from DiffusionAnomalyLib.thresholds import threshold_from_text, threshold_map, threshold_to_text
+from DiffusionAnomalyLib.thresholds import ScanThreshold, threshold_map
 from DiffusionAnomalyLib.imageio import Geometry
 from DiffusionAnomalyLib.preprocessing import Orientation
 from DiffusionAnomalyLib.settings import DetectionSettings
@@ -53,7 +53,8 @@ def test_outputs_keep_the_input_geometry_and_the_map_lights_up_at_the_lesion(dir
     arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
     geometry = Geometry(spacing=(0.9, 1.1, 2.5), origin=(-10.0, 20.0, 5.5), direction=tuple(float(d) for d in direction))
     detector = analytic_detector()
-    detector.card.calibration = CalibrationConfig(slice_floor_mads=3.0)
+    # Regions are cut at half their peak within each axial slice, whichever array axis that is.
+    detector.card.calibration = CalibrationConfig(slice_floor_mads=3.0, peak_fraction=0.5)
     result = detector.detect(as_images(arrays, geometry), settings=DetectionSettings(threshold="calibrated"))
 
     assert result.geometry == geometry
@@ -68,7 +69,7 @@ def test_outputs_keep_the_input_geometry_and_the_map_lights_up_at_the_lesion(dir
     assert result.healthy[1][lesion].mean() < arrays[1][lesion].mean() - 20
     # The per-slice calibrated threshold, kept with the map on the input grid, re-cuts the same
     # segmentation there (as the Slicer scene and the web app do when the threshold moves).
-    kept = threshold_from_text(threshold_to_text(result.calibrated_threshold))
+    kept = ScanThreshold.from_text(result.calibrated_threshold.to_text())
     recut, _ = threshold_map(result.anomaly_map, result.foreground.astype(bool), "calibrated", calibrated=kept)
     np.testing.assert_array_equal(recut, result.mask)
 

@@ -105,7 +105,9 @@ def test_train_detect_evaluate(cohort, tmp_path, capsys):
     card = load_bundle(model).card
     recorded = card.metrics["calibration"]
     assert (recorded["subjects"], recorded["healthy_subjects"]) == (6, 2)
-    assert (recorded["chosen"]["noise_floor_mads"], recorded["chosen"]["slice_floor_mads"]) == (card.calibration.noise_floor_mads, card.calibration.slice_floor_mads)
+    chosen = card.calibration
+    assert (recorded["chosen"]["noise_floor_mads"], recorded["chosen"]["slice_floor_mads"], recorded["chosen"]["peak_fraction"]) \
+        == (chosen.noise_floor_mads, chosen.slice_floor_mads, chosen.peak_fraction)
     assert recorded["chosen"]["healthy_fp_percent"] <= 0.25 and f"noise floor {card.calibration.noise_floor_mads:g} MADs" in printed
 
     assert main(["set-defaults", str(model), "--steps", "4", "--threshold", "0.3", "--description", "tiny test model"]) == 0
