@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from DiffusionAnomalyLib import resources
+from DiffusionAnomalyLib.bundle import load_bundle
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -165,9 +166,11 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     _wait_for(lambda: len(_status(page, server)["volumes"]) == 4, 30, "the sample's four volumes")
     for index, name in enumerate(("t1", "t1ce", "t2", "flair")):
         expect(page.locator(f"#channel-{index}").locator("xpath=ancestor::div[contains(@class,'v-select')]")).to_contain_text(f"synth-sample_{name}")
-    # Each slider says its value and unit without being dragged.
-    assert "Noise level L = 0.10 (100 of 1000 steps)" in _slider_text(page, "noise-level")
-    assert "Guidance scale s = 40" in _slider_text(page, "guidance-scale")
+    # Each slider says its value and unit without being dragged, starting at the model's defaults.
+    defaults = load_bundle(resources.default_model()).card.defaults
+    level = defaults.noise_level
+    assert f"Noise level L = {level:.2f} ({round(level * 1000)} of 1000 steps)" in _slider_text(page, "noise-level")
+    assert f"Guidance scale s = {defaults.guidance_scale:g}" in _slider_text(page, "guidance-scale")
     expect(page.locator("#threshold-meaning")).not_to_be_empty()  # what the threshold means is said
     expect(page.locator("#model-note")).to_contain_text("Automatic: brain-mri-synth-64 fits the loaded volumes")
     # Both buttons fit in the panel.
