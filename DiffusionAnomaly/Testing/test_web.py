@@ -232,6 +232,8 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     expect(page.locator("#status")).to_contain_text("Cancelled", timeout=30_000)
     assert _status(page, server)["overlay_shown"], "a cancelled run keeps the previous result"
     page.context.close()
+    # The server counts a session until it stops; the next test opens as many as one client may.
+    _wait_for(lambda: _health(server)["sessions"] == 0, 60, "the closed page's session to stop")
 
 
 def _write_study(folder: Path, prefix: str, shift_flair: bool) -> list:
