@@ -67,6 +67,9 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance-schedule", choices=("constant", "linear"), help="constant s (the paper's) or s·t/L")
     group.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                        help="n4: divide out each sequence's bias field (coil shading) fitted in the brain; none: intensities as given")
+    group.add_argument("--redraw-noise-level", type=float,
+                       help="0, or redraw what the first translation segments (with a margin) from this deeper noise level, "
+                            "the rest of the image kept (e.g. 0.35)")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")
@@ -85,6 +88,7 @@ def _settings(args) -> DetectionSettings:
         map_levels=args.map_levels,
         guidance_schedule=args.guidance_schedule,
         bias_correction=args.bias_correction,
+        redraw_noise_level=args.redraw_noise_level,
         precision=getattr(args, "precision", None) or "auto",
         device=getattr(args, "device", None) or "auto",
     )
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model's card")
     info.add_argument("model", type=Path)
 
-    calibrate = commands.add_parser("calibrate", help="choose the model's calibrated-threshold constants on validation data and store them in its card")
+    calibrate = commands.add_parser("calibrate", help="choose the model's calibrated-threshold constants on validation data (from the first translation's maps) and store them in its card")
     calibrate.add_argument("--model", required=True, type=Path)
     calibrate.add_argument("--data", required=True, type=Path, help="labelled validation folder or CSV, with healthy subjects and subjects "
                                                                       "with lesions (never the test data)")
@@ -338,7 +342,8 @@ def run_detect(args) -> None:
     written = write_images(items)
     fraction = 100.0 * result.mask.sum() / max(int(result.foreground.sum()), 1)
     print(
-        f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices, "
+        f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices"
+        f"{f' ({result.slices_redrawn} redrawn from noise level {settings.redraw_noise_level:g})' if result.slices_redrawn else ''}, "
         f"brain: {result.brain_source}; bias correction: {result.bias_correction}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
         f"{int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the brain); wrote {', '.join(str(p) for p in written)}"
     )
@@ -560,6 +565,9 @@ def run_calibrate(args) -> None:
     from .thresholds import FALSE_POSITIVE_LIMIT_PERCENT, choose_calibration
 
     detector, settings, subjects = _cohort(args)
+    # The widths are a property of the first translation's map: its healthy-looking brain is the
+    # reference of every scan, and what it segments is what a redraw (--redraw-noise-level) redraws.
+    settings = settings.replace(redraw_noise_level=0.0)
     bar = _Bar("detecting", unit="subject")
     try:
         samples = calibration_samples(detector, subjects, slice_step=args.slice_step, settings=settings, region=args.region, progress=bar)

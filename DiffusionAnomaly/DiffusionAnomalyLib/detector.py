@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from monai.networks.layers import GaussianFilter
 
@@ -30,6 +31,9 @@ from .thresholds import HEALTHY_PROBABILITY, ScanThreshold, calibrated_threshold
 from .translation import TimeModel, ddim_timesteps, translate
 
 ChannelInput = Union[np.ndarray, sitk.Image]
+# The second pass redraws the first segmentation widened by this share of the model's image
+# width (2 pixels at 64², about 6 mm of a brain): enough for the rim that the threshold cuts.
+REDRAW_MARGIN_FRACTION = 1 / 32
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -79,6 +83,7 @@ class DetectionResult:
         brain_source: how that brain was found ("skull-stripped input", "extracted by deepbet ...").
         bias_correction: what bias-field correction did ("none", or N4's time and field range).
         bias_seconds: the part of ``seconds`` spent fitting bias fields (0 without correction).
+        slices_redrawn: how many of the slices the second, deeper pass redrew (``redraw_noise_level``).
         slice_probabilities: per canonical axial slice (inferior to superior), the
             classifier's p(diseased | x, t = 0); NaN for slices not analysed or without a classifier.
         intensity_scale: per channel, the scanner intensities that became 0 and 1 (the map's
@@ -100,6 +105,7 @@ class DetectionResult:
     geometry: Geometry
     slices_processed: int
     seconds: float
+    slices_redrawn: int = 0
     bias_seconds: float = 0.0
 
 
@@ -236,38 +242,67 @@ class AnomalyDetector:
         # several noise levels the maps are averaged; the healthy translation is the deepest one's.
         levels = [settings.noise_level * (i + 1) / settings.map_levels for i in range(settings.map_levels)]
         costs = [len(model_input) * self._steps_per_slice(level, settings.steps) for level in levels]
-        small_map = torch.zeros((len(model_input), 1) + tuple(model_input.shape[2:]))
-        for index, level in enumerate(levels):
-            def level_progress(done: int, _total: int, before: int = sum(costs[:index])) -> None:
-                if progress is not None:
-                    progress(before + done, sum(costs))
 
-            translated = self._translate_in_batches(model_input, settings.replace(noise_level=level), level_progress, cancel)
-            small_map += (model_input - translated).abs().sum(dim=1, keepdim=True) / (2.0 * len(levels))
+        def progress_after(before: int, total: int) -> Callable[[int, int], None]:
+            def report(done: int, _total: int) -> None:
+                if progress is not None:
+                    progress(before + done, total)
+            return report
+
+        raw_map = torch.zeros((len(model_input), 1) + tuple(model_input.shape[2:]))
+        for index, level in enumerate(levels):
+            translated = self._translate_in_batches(
+                model_input, settings.replace(noise_level=level), progress_after(sum(costs[:index]), sum(costs)), cancel)
+            raw_map += (model_input - translated).abs().sum(dim=1, keepdim=True) / (2.0 * len(levels))
 
         plane = canonical.shape[2:]
-        if settings.map_smoothing > 0 and len(small_map):
-            small_map = GaussianFilter(spatial_dims=2, sigma=settings.map_smoothing)(small_map)
-        anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
-        healthy_model = prepared.normalised.copy()
-        if indices:
-            anomaly[indices] = frame.from_model(small_map, plane, fill=0.0)[:, 0]
-            healthy_model[:, indices] = np.moveaxis(frame.from_model(translated, plane, fill=BACKGROUND), 0, 1)
         # Only the translated slices count, e.g. for Otsu's threshold of a one-slice preview.
         analysed = np.zeros_like(foreground)
         analysed[indices] = foreground[indices]
-        anomaly = np.clip(anomaly, 0.0, None) * analysed
+        probabilities = np.full(canonical.shape[1], np.nan, dtype=np.float32)
+        probabilities[indices] = self.slice_probabilities(model_input)
+        healthy_slices = probabilities < HEALTHY_PROBABILITY if self.classifier is not None else None
+
+        def segment(small_map: torch.Tensor):
+            if settings.map_smoothing > 0 and len(small_map):
+                small_map = GaussianFilter(spatial_dims=2, sigma=settings.map_smoothing)(small_map)
+            anomaly = np.zeros(canonical.shape[1:], dtype=np.float32)
+            if indices:
+                anomaly[indices] = frame.from_model(small_map, plane, fill=0.0)[:, 0]
+            anomaly = np.clip(anomaly, 0.0, None) * analysed
+            calibrated = calibrated_threshold(anomaly, analysed, healthy_slices, self.card.calibration)
+            mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels, calibrated)
+            return anomaly, calibrated, mask, threshold_value
+
+        anomaly, calibrated, mask, threshold_value = segment(raw_map)
+        redrawn_slices = 0
+        # A redraw no deeper than the first translation would only undo its healing.
+        if settings.redraw_noise_level > settings.noise_level and mask[indices].any():
+            region = self._redraw_region(frame.to_model(mask[indices][:, None].astype(np.float32)))
+            chosen = torch.nonzero(region.flatten(1).amax(dim=1) > 0).flatten()
+            redraw_settings = settings.replace(
+                noise_level=settings.redraw_noise_level,
+                steps=max(settings.steps, round(settings.steps * settings.redraw_noise_level / settings.noise_level)))
+            done = sum(costs)
+            total = done + len(chosen) * self._steps_per_slice(redraw_settings.noise_level, redraw_settings.steps)
+            weight = region[chosen]
+            redrawn = self._translate_in_batches(model_input[chosen], redraw_settings, progress_after(done, total), cancel, weight)
+            # The redrawn region replaces the first translation there, and its map the first map.
+            translated[chosen] = weight * redrawn + (1 - weight) * translated[chosen]
+            redrawn_map = (model_input[chosen] - redrawn).abs().sum(dim=1, keepdim=True) / 2.0
+            raw_map[chosen] = weight * redrawn_map + (1 - weight) * raw_map[chosen]
+            anomaly, calibrated, mask, threshold_value = segment(raw_map)
+            redrawn_slices = len(chosen)
+
+        healthy_model = prepared.normalised.copy()
+        if indices:
+            healthy_model[:, indices] = np.moveaxis(frame.from_model(translated, plane, fill=BACKGROUND), 0, 1)
         healthy_scanner, as_given = denormalise(healthy_model, prepared.scale), canonical
         if bias is not None:
             # Back into the input's intensities: the shading the correction took out is put back.
             healthy_scanner *= orientation.to_canonical(bias.fields)
             as_given = orientation.to_canonical(volume.arrays)
         healthy = np.where(analysed, healthy_scanner, as_given)
-        probabilities = np.full(canonical.shape[1], np.nan, dtype=np.float32)
-        probabilities[indices] = self.slice_probabilities(model_input)
-        healthy_slices = probabilities < HEALTHY_PROBABILITY if self.classifier is not None else None
-        calibrated = calibrated_threshold(anomaly, analysed, healthy_slices, self.card.calibration)
-        mask, threshold_value = threshold_map(anomaly, analysed, settings.threshold, settings.min_component_voxels, calibrated)
 
         def back(array: np.ndarray) -> np.ndarray:
             out = np.ascontiguousarray(orientation.from_canonical(array))
@@ -288,6 +323,7 @@ class AnomalyDetector:
             intensity_scale=prepared.scale,
             geometry=volume.geometry,
             slices_processed=len(indices),
+            slices_redrawn=redrawn_slices,
             seconds=time.perf_counter() - started,
             bias_seconds=bias.seconds if bias is not None else 0.0,
         )
@@ -306,8 +342,18 @@ class AnomalyDetector:
     def _steps_per_slice(self, noise_level: float, steps: int) -> int:
         return 2 * (len(ddim_timesteps(noise_level, steps, self.card.schedule.num_train_timesteps)) - 1)
 
-    def _translate_in_batches(self, images: torch.Tensor, settings: DetectionSettings, progress, cancel) -> torch.Tensor:
-        """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory."""
+    def _redraw_region(self, segmented: torch.Tensor) -> torch.Tensor:
+        """Where the second pass may redraw: the first segmentation in model pixels, widened by a
+        margin (the map of a large lesion is a blurred bump whose threshold cuts its rim) and
+        given a soft edge so that the redrawn region blends into the first translation."""
+        margin = max(1, round(self.card.image_size[0] * REDRAW_MARGIN_FRACTION))
+        hard = F.max_pool2d((segmented > 0.25).float(), 2 * margin + 1, stride=1, padding=margin)
+        return torch.maximum(hard, GaussianFilter(spatial_dims=2, sigma=1.0)(hard).clamp(0.0, 1.0))
+
+    def _translate_in_batches(self, images: torch.Tensor, settings: DetectionSettings, progress, cancel,
+                              redraw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory;
+        ``redraw`` (N, 1, h, w): where each image may change (see :func:`translate`)."""
         precision = resolve_precision(settings.precision, self.device)
         steps_per_slice = self._steps_per_slice(settings.noise_level, settings.steps)
         total = len(images) * steps_per_slice
@@ -333,6 +379,7 @@ class AnomalyDetector:
                     healthy_class=self.card.healthy_class,
                     schedule=self.card.schedule,
                     precision=precision,
+                    redraw=None if redraw is None else redraw[start : start + batch_size].to(self.device),
                     progress=batch_progress,
                     cancel=cancel,
                 )

@@ -299,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "brain_source": result.brain_source,
             "bias_correction": result.bias_correction,
             "slices_processed": result.slices_processed,
+            "slices_redrawn": result.slices_redrawn,
             "seconds": result.seconds,
             "bias_seconds": result.bias_seconds,
             "settings": result.settings.to_dict(),

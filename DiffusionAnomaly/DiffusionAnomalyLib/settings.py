@@ -47,6 +47,7 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "map_smoothing": (0.0, 10.0),
     "batch_size": (1, 4096),
     "map_levels": (1, 8),
+    "redraw_noise_level": (0.0, 1.0),
 }
 INTEGER_SETTINGS = ("steps", "min_component_voxels", "batch_size", "map_levels")
 LABELS = {
@@ -63,6 +64,7 @@ LABELS = {
     "map_levels": "noise levels averaged",
     "guidance_schedule": "guidance schedule",
     "bias_correction": "bias correction",
+    "redraw_noise_level": "redraw noise level",
 }
 
 
@@ -154,6 +156,10 @@ class DetectionSettings:
         guidance_schedule: ``constant`` (the paper's s) or ``linear`` (s · t / L).
         bias_correction: ``n4`` divides out each sequence's bias field before detection
             (see :mod:`.bias`); ``none`` uses the intensities as given.
+        redraw_noise_level: 0, or a second, deeper translation of what the first one segments
+            (with a margin), encoded to this noise level and redrawn in the context of the
+            rest of the image (see :func:`.translation.translate`), with the first pass's DDIM stride;
+            a level not deeper than ``noise_level`` is not used.
     """
 
     noise_level: Optional[float] = None
@@ -169,6 +175,7 @@ class DetectionSettings:
     map_levels: Optional[int] = None
     guidance_schedule: Optional[str] = None
     bias_correction: Optional[str] = None
+    redraw_noise_level: Optional[float] = None
 
     def replace(self, **changes: Any) -> "DetectionSettings":
         return dataclasses.replace(self, **changes)
@@ -228,5 +235,5 @@ def _checked_threshold(value: Any, channels: int) -> Threshold:
 
 CARD_DEFAULTS = DetectionSettings(
     noise_level=0.5, guidance_scale=10.0, steps=25, threshold=CALIBRATED, min_component_voxels=0, map_smoothing=0.0, batch_size=32,
-    brain_mask="auto", map_levels=1, guidance_schedule="constant", bias_correction="none",
+    brain_mask="auto", map_levels=1, guidance_schedule="constant", bias_correction="none", redraw_noise_level=0.0,
 )

@@ -20,6 +20,16 @@ Decoding starts exactly where encoding stopped (same grid, same t_N), x̂_0 is n
 The paper's guidance is constant, s(t) = s; ``guidance_schedule="linear"`` uses
 s(t) = s · t / L instead: full strength where the image is noisiest and structure can still
 change, fading to nothing at t = 0 so that fine healthy detail is not pushed around.
+
+3. Optionally, a region m ∈ [0, 1] that the decoding may redraw (a suspected lesion): after
+   every decoding step the rest follows the input's own encoding trajectory::
+
+       x_{t_i−1} ← m · x_{t_i−1} + (1 − m) · x^enc_{t_i−1}
+
+   as RePaint (Lugmayr et al., CVPR 2022) keeps the known part of an image; here the known
+   part is the deterministic encoding of step 1, which the network itself would decode back to
+   the input, so the redrawn region is generated in the context of the patient's own anatomy.
+   A deeper L then removes more of a large lesion without redrawing the healthy brain around it.
 """
 
 from __future__ import annotations
@@ -104,6 +114,7 @@ def translate(
     num_train_timesteps: int = 1000,
     schedule: Optional[ScheduleConfig] = None,
     precision: str = "fp32",
+    redraw: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
 ) -> torch.Tensor:
@@ -122,6 +133,8 @@ def translate(
         schedule: the training noise schedule.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the network passes;
             the DDIM arithmetic itself always runs in fp32.
+        redraw: optional (B, 1, H, W) weights in [0, 1]: where the decoding may change the
+            image; elsewhere it follows the input's encoding (step 3 above). ``None``: everywhere.
         progress: called as ``progress(done, total)`` after each network evaluation step.
         cancel: polled before each step; returning true raises :class:`TranslationCancelled`.
     """
@@ -135,6 +148,8 @@ def translate(
         raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {guidance_schedule!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if redraw is not None and (redraw.ndim != 4 or redraw.shape[1] != 1 or redraw.shape[0] != x0.shape[0] or redraw.shape[2:] != x0.shape[2:]):
+        raise ValueError(f"redraw must be (B, 1, H, W) for images {tuple(x0.shape)}, got shape {tuple(redraw.shape)}")
     schedule = schedule or ScheduleConfig(num_train_timesteps=num_train_timesteps)
     with torch.inference_mode(False):
         alpha_bar = alphas_cumprod(schedule).to(x0.device)
@@ -165,12 +180,15 @@ def translate(
     # Guidance needs autograd even when the caller runs under torch.inference_mode().
     with torch.inference_mode(False):
         x = x0.detach().clone().float()
+        encoding = {grid[0]: x}
         done = 0
         # 1. Deterministic DDIM encoding to the noise level L, without guidance.
         for t_now, t_next in zip(grid[:-1], grid[1:]):
             check_cancel()
             eps = predict_noise(x, t_now)
             x = _ddim_move(x, eps, alpha_bar[t_now], alpha_bar[t_next])
+            if redraw is not None:
+                encoding[t_next] = x
             done += 1
             step_done(done)
 
@@ -185,6 +203,9 @@ def translate(
                     gradient = healthy_log_prob_gradient(classifier, x, timestep(t_now), healthy_class)
                 eps = eps - scale * (1 - alpha_bar[t_now]).sqrt() * gradient.float()
             x = _ddim_move(x, eps, alpha_bar[t_now], alpha_bar[t_prev])
+            # 3. Outside the region to redraw, the input's own trajectory.
+            if redraw is not None:
+                x = redraw * x + (1 - redraw) * encoding[t_prev]
             done += 1
             step_done(done)
     return x

@@ -67,6 +67,7 @@ class DetectionOutputs:
     brain_node: Optional[object] = None
     brain_source: str = ""
     bias_correction: str = ""
+    slices_redrawn: int = 0
 
     @property
     def is_preview(self) -> bool:
@@ -74,6 +75,8 @@ class DetectionOutputs:
 
     def summary(self) -> str:
         what = f"slice {self.preview_slice} (preview)" if self.is_preview else f"{self.slices_processed} slices"
+        if self.slices_redrawn:
+            what += f" ({self.slices_redrawn} redrawn deeper)"
         brain = f"; brain: {self.brain_source}" if self.brain_source else ""
         bias = f"; {self.bias_correction}" if self.bias_correction not in ("", "none") else ""
         return f"{what} in {self.seconds:.1f} s; {self.anomaly_voxels} voxels above {self.threshold:.3g}{brain}{bias}"
@@ -210,7 +213,7 @@ class AnomalySceneLogic:
         source = "as found by the earlier detection" if pending.brain_origin == "found" else result.brain_source
         return DetectionOutputs(map_node, segmentation_node, float(result.threshold), int(result.mask.sum()),
                                 result.slices_processed, result.seconds, pending.preview_slice, list(pending.messages),
-                                brain_node, source, result.bias_correction)
+                                brain_node, source, result.bias_correction, result.slices_redrawn)
 
     def brain_node(self, reference_node) -> Optional[object]:
         """The segmentation holding the brain outline of ``reference_node``'s detections, if there is one."""

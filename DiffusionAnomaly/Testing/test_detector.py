@@ -175,3 +175,33 @@ def test_maps_averaged_over_noise_levels_report_progress_over_all_of_them(tiny_b
     assert averaged.settings.map_levels == 2 and not np.array_equal(averaged.anomaly_map, single.anomaly_map)
     with pytest.raises(ValueError, match="noise levels averaged must be a whole number from 1 to 8"):
         detector.detect(list(arrays), settings=DetectionSettings(map_levels=9))
+
+
+def test_redrawing_the_segmented_lesion_from_deeper_heals_it_more_and_keeps_the_other_slices():
+    arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
+    detector = analytic_detector()
+    detector.card.calibration = CalibrationConfig(slice_floor_mads=3.0, peak_fraction=0.5)
+    first = detector.detect(list(arrays))
+    seen = []
+    second = detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=0.6),
+                             progress=lambda done, total: seen.append((done, total)))
+    brain = arrays[0] > 0
+    normal = arrays[1][brain & ~lesion].mean()
+    assert abs(second.healthy[1][lesion].mean() - normal) < abs(first.healthy[1][lesion].mean() - normal), "the lesion is removed further"
+    untouched = [k for k in range(arrays.shape[1]) if not first.mask[k].any() and not first.mask[max(k - 1, 0):k + 2].any()]
+    assert untouched, "the phantom has slices far from the lesion"
+    for k in untouched:
+        np.testing.assert_array_equal(second.healthy[1][k], first.healthy[1][k])
+        np.testing.assert_array_equal(second.anomaly_map[k], first.anomaly_map[k])
+    flagged = second.mask.astype(bool)
+    assert (flagged & lesion).sum() / flagged.sum() > 0.5 and (flagged & lesion).sum() >= 0.8 * (first.mask.astype(bool) & lesion).sum()
+    assert second.settings.redraw_noise_level == 0.6 and second.slices_redrawn > 0 and first.slices_redrawn == 0
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    healthy, _ = brain_phantom(shape=(14, 22, 20))
+    nothing_found = DetectionSettings(threshold=2.0)
+    plain = detector.detect(list(healthy), settings=nothing_found)
+    again = detector.detect(list(healthy), settings=nothing_found.replace(redraw_noise_level=0.6))
+    np.testing.assert_array_equal(again.anomaly_map, plain.anomaly_map)
+    with pytest.raises(ValueError, match="redraw noise level must be a number from 0 to 1"):
+        detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=1.5))

@@ -144,3 +144,20 @@ def test_a_linear_guidance_schedule_pulls_less_than_constant_guidance_and_more_t
     assert means["constant"] < means["linear"] < plain
     with pytest.raises(ValueError, match="guidance_schedule must be one of constant, linear"):
         translate(x0, models.eps, models.classifier, noise_level=0.5, steps=5, guidance_scale=1.0, guidance_schedule="cosine")
+
+
+def test_a_redraw_region_heals_inside_and_keeps_the_rest_of_the_input_exactly():
+    models = AnalyticGaussians(-0.5, 0.3, 0.5, 0.3)
+    x0 = diseased_batch(models)
+    region = torch.zeros(4, 1, 8, 8)
+    region[..., :4] = 1.0
+    settings = dict(noise_level=0.5, steps=25, guidance_scale=2.0)
+    redrawn = translate(x0, models.eps, models.classifier, redraw=region, **settings)
+    assert torch.equal(redrawn[..., 4:], x0[..., 4:]), "outside the region the input comes back unchanged"
+    inside_before = abs(x0[..., :4].mean().item() - models.means[0])
+    assert abs(redrawn[..., :4].mean().item() - models.means[0]) < 0.5 * inside_before, "inside, it is translated toward healthy"
+    everywhere = translate(x0, models.eps, models.classifier, **settings)
+    assert torch.equal(translate(x0, models.eps, models.classifier, redraw=torch.ones_like(region), **settings), everywhere)
+    assert torch.equal(translate(x0, models.eps, models.classifier, redraw=torch.zeros_like(region), **settings), x0)
+    with pytest.raises(ValueError, match=r"redraw must be \(B, 1, H, W\)"):
+        translate(x0, models.eps, models.classifier, redraw=region[:2], **settings)
