@@ -242,6 +242,15 @@ class AnomalyDetector:
         # several noise levels the maps are averaged; the healthy translation is the deepest one's.
         levels = [settings.noise_level * (i + 1) / settings.map_levels for i in range(settings.map_levels)]
         costs = [len(model_input) * self._steps_per_slice(level, settings.steps) for level in levels]
+        # A redraw no deeper than the first translation would only undo its healing. Until the
+        # first pass shows what to redraw, progress counts every slice, so it never runs backwards.
+        redraw_settings = None
+        if settings.redraw_noise_level > settings.noise_level:
+            redraw_settings = settings.replace(
+                noise_level=settings.redraw_noise_level,
+                steps=max(settings.steps, round(settings.steps * settings.redraw_noise_level / settings.noise_level)))
+        redraw_cost = 0 if redraw_settings is None else self._steps_per_slice(redraw_settings.noise_level, redraw_settings.steps)
+        first_total = sum(costs) + len(model_input) * redraw_cost
 
         def progress_after(before: int, total: int) -> Callable[[int, int], None]:
             def report(done: int, _total: int) -> None:
@@ -252,7 +261,7 @@ class AnomalyDetector:
         raw_map = torch.zeros((len(model_input), 1) + tuple(model_input.shape[2:]))
         for index, level in enumerate(levels):
             translated = self._translate_in_batches(
-                model_input, settings.replace(noise_level=level), progress_after(sum(costs[:index]), sum(costs)), cancel)
+                model_input, settings.replace(noise_level=level), progress_after(sum(costs[:index]), first_total), cancel)
             raw_map += (model_input - translated).abs().sum(dim=1, keepdim=True) / (2.0 * len(levels))
 
         plane = canonical.shape[2:]
@@ -276,15 +285,11 @@ class AnomalyDetector:
 
         anomaly, calibrated, mask, threshold_value = segment(raw_map)
         redrawn_slices = 0
-        # A redraw no deeper than the first translation would only undo its healing.
-        if settings.redraw_noise_level > settings.noise_level and mask[indices].any():
+        if redraw_settings is not None and mask[indices].any():
             region = self._redraw_region(frame.to_model(mask[indices][:, None].astype(np.float32)))
             chosen = torch.nonzero(region.flatten(1).amax(dim=1) > 0).flatten()
-            redraw_settings = settings.replace(
-                noise_level=settings.redraw_noise_level,
-                steps=max(settings.steps, round(settings.steps * settings.redraw_noise_level / settings.noise_level)))
             done = sum(costs)
-            total = done + len(chosen) * self._steps_per_slice(redraw_settings.noise_level, redraw_settings.steps)
+            total = done + len(chosen) * redraw_cost
             weight = region[chosen]
             redrawn = self._translate_in_batches(model_input[chosen], redraw_settings, progress_after(done, total), cancel, weight)
             # The redrawn region replaces the first translation there, and its map the first map.
@@ -293,6 +298,8 @@ class AnomalyDetector:
             raw_map[chosen] = weight * redrawn_map + (1 - weight) * raw_map[chosen]
             anomaly, calibrated, mask, threshold_value = segment(raw_map)
             redrawn_slices = len(chosen)
+        elif redraw_settings is not None and progress is not None:
+            progress(first_total, first_total)
 
         healthy_model = prepared.normalised.copy()
         if indices:
@@ -347,6 +354,7 @@ class AnomalyDetector:
         margin (the map of a large lesion is a blurred bump whose threshold cuts its rim) and
         given a soft edge so that the redrawn region blends into the first translation."""
         margin = max(1, round(self.card.image_size[0] * REDRAW_MARGIN_FRACTION))
+        # The voxel mask resampled (antialiased) to the model's grid: a pixel a quarter covered counts.
         hard = F.max_pool2d((segmented > 0.25).float(), 2 * margin + 1, stride=1, padding=margin)
         return torch.maximum(hard, GaussianFilter(spatial_dims=2, sigma=1.0)(hard).clamp(0.0, 1.0))
 
