@@ -68,8 +68,8 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bias-correction", choices=BIAS_CORRECTIONS,
                        help="n4: divide out each sequence's bias field (coil shading) fitted in the brain; none: intensities as given")
     group.add_argument("--redraw-noise-level", type=float,
-                       help="0, or redraw what the first translation segments (with a margin) from this deeper noise level, "
-                            "the rest of the image kept (e.g. 0.35)")
+                       help="0, or redraw what the first translation segments (regions of at least 3 cm² in their slice, "
+                            "with a margin) from this deeper noise level, the rest of the image kept (e.g. 0.3)")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")

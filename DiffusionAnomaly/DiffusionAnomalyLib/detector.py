@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from monai.networks.layers import GaussianFilter
 
@@ -34,6 +35,22 @@ ChannelInput = Union[np.ndarray, sitk.Image]
 # The second pass redraws the first segmentation widened by this share of the model's image
 # width (2 pixels at 64², about 6 mm of a brain): enough for the rim that the threshold cuts.
 REDRAW_MARGIN_FRACTION = 1 / 32
+# Only regions of at least this area within their axial slice are redrawn (3 cm², the middle
+# section of a 4 ml sphere): a smaller region is a small lesion, mostly healed at the first
+# noise level, or a speck of noise, and redrawing it deeper flags its healthy rim (model card).
+REDRAW_MIN_AREA_MM2 = 300.0
+
+
+def _large_regions(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """The connected regions of each (N, H, W) mask slice with at least ``min_pixels`` pixels."""
+    if min_pixels <= 1:
+        return mask.astype(bool)
+    within_slice = np.zeros((3, 3, 3), dtype=bool)
+    within_slice[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(mask, within_slice)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return sizes[labels] >= min_pixels
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -285,8 +302,9 @@ class AnomalyDetector:
 
         anomaly, calibrated, mask, threshold_value = segment(raw_map)
         redrawn_slices = 0
-        if redraw_settings is not None and mask[indices].any():
-            region = self._redraw_region(frame.to_model(mask[indices][:, None].astype(np.float32)))
+        to_redraw = _large_regions(mask[indices], REDRAW_MIN_AREA_MM2 / orientation.axial_pixel_area(volume.geometry.as_3d().spacing))
+        if redraw_settings is not None and to_redraw.any():
+            region = self._redraw_region(frame.to_model(to_redraw[:, None].astype(np.float32)))
             chosen = torch.nonzero(region.flatten(1).amax(dim=1) > 0).flatten()
             done = sum(costs)
             total = done + len(chosen) * redraw_cost

@@ -61,6 +61,12 @@ class Orientation:
         index = int(voxel[axis])
         return int(shape[axis]) - 1 - index if self.flip[0] else index
 
+    def axial_pixel_area(self, spacing: Sequence[float]) -> float:
+        """The area (spacing units², e.g. mm²) of one pixel of a canonical axial slice; ``spacing``
+        is SimpleITK's (i, j, k) order."""
+        # Array axis a (k, j, i) is index axis 2 - a.
+        return float(spacing[2 - self.transpose[1]] * spacing[2 - self.transpose[2]])
+
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
         lead = array.ndim - 3
         flips = tuple(lead + c for c in range(3) if self.flip[c])

@@ -157,7 +157,7 @@ class DetectionSettings:
         bias_correction: ``n4`` divides out each sequence's bias field before detection
             (see :mod:`.bias`); ``none`` uses the intensities as given.
         redraw_noise_level: 0, or a second, deeper translation of what the first one segments
-            (with a margin), encoded to this noise level and redrawn in the context of the
+            (its regions of at least ``detector.REDRAW_MIN_AREA_MM2`` in their axial slice, with a margin), encoded to this noise level and redrawn in the context of the
             rest of the image (see :func:`.translation.translate`), with the first pass's DDIM stride;
             a level not deeper than ``noise_level`` is not used.
     """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffusionAnomalyLib.detector import AnomalyDetector
+from DiffusionAnomalyLib.detector import REDRAW_MIN_AREA_MM2, AnomalyDetector
 from DiffusionAnomalyLib.config import CalibrationConfig
 from DiffusionAnomalyLib.thresholds import ScanThreshold, threshold_map
 from DiffusionAnomalyLib.imageio import Geometry
@@ -28,15 +28,18 @@ def as_images(arrays: np.ndarray, geometry: Geometry):
     return [geometry.applied_to(sitk.GetImageFromArray(a)) for a in arrays]
 
 
-def test_orientation_matches_dicom_orient_for_oblique_and_permuted_grids():
+def test_orientation_and_axial_pixel_area_match_dicom_orient_for_oblique_and_permuted_grids():
     array = np.random.default_rng(0).random((5, 6, 7))
     for direction in (oblique_direction(), (0, 0, 1, 1, 0, 0, 0, -1, 0), (-1, 0, 0, 0, 0, -1, 0, 1, 0)):
         image = sitk.GetImageFromArray(array)
         image.SetDirection(direction)
+        image.SetSpacing((0.5, 2.0, 3.0))
         orientation = Orientation.from_direction(direction)
-        expected = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+        oriented = sitk.DICOMOrient(image, "LPS")
+        expected = sitk.GetArrayFromImage(oriented)
         np.testing.assert_array_equal(orientation.to_canonical(array), expected)
         np.testing.assert_array_equal(orientation.from_canonical(expected), array)
+        assert orientation.axial_pixel_area(image.GetSpacing()) == oriented.GetSpacing()[0] * oriented.GetSpacing()[1]
 
 
 @pytest.mark.parametrize(
@@ -178,12 +181,16 @@ def test_maps_averaged_over_noise_levels_report_progress_over_all_of_them(tiny_b
 
 
 def test_redrawing_the_segmented_lesion_from_deeper_heals_it_more_and_keeps_the_other_slices():
-    arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
+    radius = 3.5
+    arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=radius)
+    # Voxels large enough that the lesion's middle section is twice the area a region needs to be redrawn.
+    side = float(np.sqrt(2 * REDRAW_MIN_AREA_MM2 / (np.pi * radius ** 2)))
+    large = Geometry(spacing=(side, side, side))
     detector = analytic_detector()
     detector.card.calibration = CalibrationConfig(slice_floor_mads=3.0, peak_fraction=0.5)
-    first = detector.detect(list(arrays))
+    first = detector.detect(list(arrays), large)
     seen = []
-    second = detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=0.6),
+    second = detector.detect(list(arrays), large, DetectionSettings(redraw_noise_level=0.6),
                              progress=lambda done, total: seen.append((done, total)))
     brain = arrays[0] > 0
     normal = arrays[1][brain & ~lesion].mean()
@@ -200,11 +207,14 @@ def test_redrawing_the_segmented_lesion_from_deeper_heals_it_more_and_keeps_the_
 
     # A redraw shallower than the first translation (L 0.3 here) is not used, and with nothing
     # segmented there is nothing to redraw: both give the first translation, progress complete.
-    shallow = detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=0.2))
+    shallow = detector.detect(list(arrays), large, DetectionSettings(redraw_noise_level=0.2))
     np.testing.assert_array_equal(shallow.anomaly_map, first.anomaly_map)
     seen.clear()
-    nothing = detector.detect(list(arrays), settings=DetectionSettings(threshold=2.0, redraw_noise_level=0.6),
+    nothing = detector.detect(list(arrays), large, DetectionSettings(threshold=2.0, redraw_noise_level=0.6),
                               progress=lambda done, total: seen.append((done, total)))
     assert nothing.slices_redrawn == 0 and seen[-1][0] == seen[-1][1] and len({total for _, total in seen}) == 1
+    # The same lesion in 1 mm voxels is small: the first translation already heals it, and it is not redrawn.
+    small = detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=0.6))
+    assert small.mask.any() and small.slices_redrawn == 0
     with pytest.raises(ValueError, match="redraw noise level must be a number from 0 to 1"):
         detector.detect(list(arrays), settings=DetectionSettings(redraw_noise_level=1.5))
