@@ -106,6 +106,7 @@ class DiffusionAnomalyParameterNode:
     (ranges as DiffusionAnomalyLib.settings.RANGES; a fixed threshold is at most the model's channel count).
     brainMaskMode, brainMaskSegmentation - how the brain is found, or the user's segmentation of it.
     biasCorrection - "n4" divides out each sequence's bias field before detection, "none" does not.
+    redrawNoiseLevel - 0, or redraw what the first translation segments from this deeper noise level.
     outputMap - the anomaly-map volume; outputSegmentation - its thresholded segmentation.
     """
 
@@ -125,6 +126,7 @@ class DiffusionAnomalyParameterNode:
     # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (the combo-box connector).
     biasCorrection: Annotated[str, Choice(["n4", "none"])] = "n4"
     steps: Annotated[int, WithinRange(4, 1000)] = 10
+    redrawNoiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32
     outputMap: vtkMRMLScalarVolumeNode
@@ -553,6 +555,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
             parameterNode.threshold = float(defaults.threshold)
         parameterNode.brainMaskMode = defaults.brain_mask
         parameterNode.biasCorrection = defaults.bias_correction
+        parameterNode.redrawNoiseLevel = float(defaults.redraw_noise_level)
 
     @staticmethod
     def channelVolumes(parameterNode, count: int) -> list:
@@ -607,6 +610,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
             device=parameterNode.device,
             brain_mask=None if parameterNode.brainMaskMode == "segment" else parameterNode.brainMaskMode,
             bias_correction=parameterNode.biasCorrection,
+            redraw_noise_level=parameterNode.redrawNoiseLevel,
         )
 
     def _volumes(self, parameterNode) -> list:

@@ -175,6 +175,7 @@ class AnomalyWebApp(TrameApp):
                 "default_steps": int(defaults.steps),
                 "brain_mask": defaults.brain_mask,
                 "bias_correction": defaults.bias_correction,
+                "redraw_noise_level": float(defaults.redraw_noise_level),
             })
 
     def _choose_model(self) -> None:
@@ -242,6 +243,14 @@ class AnomalyWebApp(TrameApp):
                         id="guidance-scale", v_model=("guidance_scale",), min=guidance_low, max=min(guidance_high, 200), step=1,
                         density="compact", hide_details=True, disabled=("running",),
                         title="How strongly the classifier pushes toward healthy; 0 is a plain reconstruction.",
+                    )
+                    html.Div("{{ Number(redraw_noise_level) > Number(noise_level) ? 'Redraw lesions from L = ' + Number(redraw_noise_level).toFixed(2) "
+                             ": 'Redraw lesions: off (at most L)' }}", id="redraw-noise-level-value", classes="text-body-2")
+                    v3.VSlider(
+                        id="redraw-noise-level", v_model=("redraw_noise_level",), min=0.0, max=noise_high, step=0.01,
+                        density="compact", hide_details=True, disabled=("running",),
+                        title="Above L, what the first translation segments is translated again from this deeper level, the rest kept: "
+                              "large lesions are removed more completely, at the cost of time and a wider segmentation around small ones.",
                     )
                     v3.VSelect(id="threshold-mode", label="Threshold", v_model=("threshold_mode",), items=("threshold_modes",),
                                density="compact", hide_details=True)
@@ -397,6 +406,7 @@ class AnomalyWebApp(TrameApp):
             threshold=self.threshold(),
             brain_mask=self.state.brain_mask,
             bias_correction=self.state.bias_correction,
+            redraw_noise_level=number_from_text("redraw_noise_level", self.state.redraw_noise_level),
         ).resolve(self.card)
 
     def detect_or_cancel(self) -> None:

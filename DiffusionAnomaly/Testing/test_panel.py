@@ -30,6 +30,7 @@ EXPECTED_CLASSES = {
     "stepsSpinBox": "QSpinBox",
     "deviceComboBox": "QComboBox",
     "batchSizeSpinBox": "QSpinBox",
+    "redrawNoiseLevelSlider": "ctkSliderWidget",
     "outputMapSelector": "qMRMLNodeComboBox",
     "outputSegmentationSelector": "qMRMLNodeComboBox",
     "detectButton": "QPushButton",
@@ -106,7 +107,7 @@ def test_settings_explain_themselves():
     widgets = _widgets()
     for name in ("noiseLevelSlider", "guidanceScaleSlider", "thresholdSlider", "stepsSpinBox", "batchSizeSpinBox", "deviceComboBox",
                  "detectButton", "previewButton", "thresholdModeComboBox", "brainMaskModeComboBox", "brainMaskSegmentationSelector",
-                 "biasCorrectionComboBox"):
+                 "biasCorrectionComboBox", "redrawNoiseLevelSlider"):
         tooltip = _string_property(widgets[name], "toolTip")
         assert tooltip and len(tooltip.split()) >= 6, f"{name} needs a tooltip that says what it does"
 
@@ -135,7 +136,8 @@ def test_the_panel_loads_with_qt_and_finds_every_widget():
 
 
 # Parameter -> the engine's setting it becomes (DiffusionAnomalyLogic.settings).
-ENGINE_NAMES = {"noiseLevel": "noise_level", "guidanceScale": "guidance_scale", "steps": "steps", "batchSize": "batch_size"}
+ENGINE_NAMES = {"noiseLevel": "noise_level", "guidanceScale": "guidance_scale", "steps": "steps", "batchSize": "batch_size",
+                "redrawNoiseLevel": "redraw_noise_level"}
 
 
 def _parameter_ranges() -> dict:

@@ -171,6 +171,8 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     level = defaults.noise_level
     assert f"Noise level L = {level:.2f} ({round(level * 1000)} of 1000 steps)" in _slider_text(page, "noise-level")
     assert f"Guidance scale s = {defaults.guidance_scale:g}" in _slider_text(page, "guidance-scale")
+    redraw = defaults.redraw_noise_level
+    assert (f"Redraw lesions from L = {redraw:.2f}" if redraw > level else "Redraw lesions: off") in _slider_text(page, "redraw-noise-level")
     expect(page.locator("#threshold-meaning")).not_to_be_empty()  # what the threshold means is said
     expect(page.locator("#model-note")).to_contain_text("Automatic: brain-mri-synth-64 fits the loaded volumes")
     # Both buttons fit in the panel.
