@@ -126,6 +126,8 @@ class DiffusionAnomalyParameterNode:
     # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (the combo-box connector).
     biasCorrection: Annotated[str, Choice(["n4", "none"])] = "n4"
     steps: Annotated[int, WithinRange(4, 1000)] = 10
+    # The float/ctkSliderWidget connector of guiConnectors.py (above) sets the slider's range from
+    # WithinRange, whatever the .ui says, and refuses a slider bound to an unbounded float.
     redrawNoiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32

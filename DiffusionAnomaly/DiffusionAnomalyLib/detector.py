@@ -302,8 +302,9 @@ class AnomalyDetector:
 
         anomaly, calibrated, mask, threshold_value = segment(raw_map)
         redrawn_slices = 0
-        to_redraw = _large_regions(mask[indices], REDRAW_MIN_AREA_MM2 / orientation.axial_pixel_area(volume.geometry.as_3d().spacing))
-        if redraw_settings is not None and to_redraw.any():
+        to_redraw = None if redraw_settings is None else _large_regions(
+            mask[indices], REDRAW_MIN_AREA_MM2 / orientation.axial_pixel_area(volume.geometry.as_3d().spacing))
+        if to_redraw is not None and to_redraw.any():
             region = self._redraw_region(frame.to_model(to_redraw[:, None].astype(np.float32)))
             chosen = torch.nonzero(region.flatten(1).amax(dim=1) > 0).flatten()
             done = sum(costs)

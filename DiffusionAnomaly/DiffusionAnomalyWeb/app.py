@@ -209,6 +209,7 @@ class AnomalyWebApp(TrameApp):
         noise_low, noise_high = RANGES["noise_level"]
         guidance_low, guidance_high = RANGES["guidance_scale"]
         steps_low, steps_high = RANGES["steps"]
+        redraw_low, redraw_high = RANGES["redraw_noise_level"]
         with SinglePageWithDrawerLayout(self.server, width=360) as self.ui:
             self.ui.title.set_text("Diffusion Anomaly")
             self.ui.root.theme = "dark"
@@ -247,7 +248,7 @@ class AnomalyWebApp(TrameApp):
                     html.Div("{{ Number(redraw_noise_level) > Number(noise_level) ? 'Redraw lesions from L = ' + Number(redraw_noise_level).toFixed(2) "
                              ": 'Redraw lesions: off (at most L)' }}", id="redraw-noise-level-value", classes="text-body-2")
                     v3.VSlider(
-                        id="redraw-noise-level", v_model=("redraw_noise_level",), min=0.0, max=noise_high, step=0.01,
+                        id="redraw-noise-level", v_model=("redraw_noise_level",), min=redraw_low, max=redraw_high, step=0.01,
                         density="compact", hide_details=True, disabled=("running",),
                         title="Above L, what the first translation segments is translated again from this deeper level, the rest kept: "
                               "large lesions are removed more completely, at the cost of time and a wider segmentation around small ones.",
