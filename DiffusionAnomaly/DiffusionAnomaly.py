@@ -107,6 +107,7 @@ class DiffusionAnomalyParameterNode:
     brainMaskMode, brainMaskSegmentation - how the brain is found, or the user's segmentation of it.
     biasCorrection - "n4" divides out each sequence's bias field before detection, "none" does not.
     redrawNoiseLevel - 0, or redraw what the first translation segments from this deeper noise level.
+    mapReference - what the healthy translation is compared with: "input" (the scan) or "reconstruction".
     outputMap - the anomaly-map volume; outputSegmentation - its thresholded segmentation.
     """
 
@@ -129,6 +130,7 @@ class DiffusionAnomalyParameterNode:
     # The float/ctkSliderWidget connector of guiConnectors.py (above) sets the slider's range from
     # WithinRange, whatever the .ui says, and refuses a slider bound to an unbounded float.
     redrawNoiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    mapReference: Annotated[str, Choice(["input", "reconstruction"])] = "input"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32
     outputMap: vtkMRMLScalarVolumeNode
@@ -558,6 +560,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
         parameterNode.brainMaskMode = defaults.brain_mask
         parameterNode.biasCorrection = defaults.bias_correction
         parameterNode.redrawNoiseLevel = float(defaults.redraw_noise_level)
+        parameterNode.mapReference = defaults.map_reference
 
     @staticmethod
     def channelVolumes(parameterNode, count: int) -> list:
@@ -613,6 +616,7 @@ class DiffusionAnomalyLogic(ScriptedLoadableModuleLogic):
             brain_mask=None if parameterNode.brainMaskMode == "segment" else parameterNode.brainMaskMode,
             bias_correction=parameterNode.biasCorrection,
             redraw_noise_level=parameterNode.redrawNoiseLevel,
+            map_reference=parameterNode.mapReference,
         )
 
     def _volumes(self, parameterNode) -> list:

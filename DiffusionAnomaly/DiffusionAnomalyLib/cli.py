@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 from . import __version__
 from .environment import keep_output_readable_on_any_terminal
 from .config import LESION_REGIONS
-from .settings import BIAS_CORRECTIONS, DEVICES, PRECISIONS, DetectionSettings, parse_threshold
+from .settings import BIAS_CORRECTIONS, DEVICES, MAP_REFERENCES, PRECISIONS, DetectionSettings, parse_threshold
 
 # The UNet's and the classifier's default architecture: (widths, attention per level).
 DEFAULT_ARCHITECTURE = ("32,64,64", "0,0,1")
@@ -70,6 +70,9 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--redraw-noise-level", type=float,
                        help="0, or redraw what the first translation segments (regions of at least 3 cm² in their slice, "
                             "with a margin) from this deeper noise level, the rest of the image kept (e.g. 0.3)")
+    group.add_argument("--map-reference", choices=MAP_REFERENCES,
+                       help="what the healthy translation is compared with: input (the paper's |x − x̂|) or reconstruction "
+                            "(the same encoding decoded without guidance: only what guidance changed; one more decoding)")
     group.add_argument("--batch-size", type=int, help="slices per network pass")
     group.add_argument("--device", default="auto", choices=DEVICES)
     group.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast for the network passes")
@@ -89,6 +92,7 @@ def _settings(args) -> DetectionSettings:
         guidance_schedule=args.guidance_schedule,
         bias_correction=args.bias_correction,
         redraw_noise_level=args.redraw_noise_level,
+        map_reference=args.map_reference,
         precision=getattr(args, "precision", None) or "auto",
         device=getattr(args, "device", None) or "auto",
     )
@@ -344,7 +348,7 @@ def run_detect(args) -> None:
     print(
         f"done in {time.perf_counter() - started:.1f} s on {detector.device.type}: {result.slices_processed} slices"
         f"{f' ({result.slices_redrawn} redrawn from noise level {settings.redraw_noise_level:g})' if result.slices_redrawn else ''}, "
-        f"brain: {result.brain_source}; bias correction: {result.bias_correction}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
+        f"brain: {result.brain_source}; bias correction: {result.bias_correction}; map against the {settings.map_reference}; threshold {result.threshold:.4g} ({settings.threshold if isinstance(settings.threshold, str) else 'fixed'}), "
         f"{int(result.mask.sum())} voxels flagged ({fraction:.2f} % of the brain); wrote {', '.join(str(p) for p in written)}"
     )
 

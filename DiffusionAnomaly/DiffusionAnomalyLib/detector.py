@@ -258,7 +258,7 @@ class AnomalyDetector:
         # finer than that, and comparing at full resolution would light up every edge. With
         # several noise levels the maps are averaged; the healthy translation is the deepest one's.
         levels = [settings.noise_level * (i + 1) / settings.map_levels for i in range(settings.map_levels)]
-        costs = [len(model_input) * self._steps_per_slice(level, settings.steps) for level in levels]
+        costs = [len(model_input) * self._steps_per_slice(settings.replace(noise_level=level)) for level in levels]
         # A redraw no deeper than the first translation would only undo its healing. Until the
         # first pass shows what to redraw, progress counts every slice, so it never runs backwards.
         redraw_settings = None
@@ -266,7 +266,7 @@ class AnomalyDetector:
             redraw_settings = settings.replace(
                 noise_level=settings.redraw_noise_level,
                 steps=max(settings.steps, round(settings.steps * settings.redraw_noise_level / settings.noise_level)))
-        redraw_cost = 0 if redraw_settings is None else self._steps_per_slice(redraw_settings.noise_level, redraw_settings.steps)
+        redraw_cost = 0 if redraw_settings is None else self._steps_per_slice(redraw_settings)
         first_total = sum(costs) + len(model_input) * redraw_cost
 
         def progress_after(before: int, total: int) -> Callable[[int, int], None]:
@@ -365,8 +365,9 @@ class AnomalyDetector:
                                 for batch in images.split(self.card.defaults.batch_size)])
         return torch.softmax(logits, dim=-1)[:, diseased].numpy().astype(np.float32)
 
-    def _steps_per_slice(self, noise_level: float, steps: int) -> int:
-        return 2 * (len(ddim_timesteps(noise_level, steps, self.card.schedule.num_train_timesteps)) - 1)
+    def _steps_per_slice(self, settings: DetectionSettings) -> int:
+        decodings = 2 if settings.map_reference == "reconstruction" else 1
+        return (1 + decodings) * (len(ddim_timesteps(settings.noise_level, settings.steps, self.card.schedule.num_train_timesteps)) - 1)
 
     def _redraw_region(self, segmented: torch.Tensor) -> torch.Tensor:
         """Where the second pass may redraw: the first segmentation in model pixels, widened by a
@@ -379,10 +380,13 @@ class AnomalyDetector:
 
     def _translate_in_batches(self, images: torch.Tensor, settings: DetectionSettings, progress, cancel,
                               redraw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Translates (N, C, h, w) images in batches, halving the batch on GPU out-of-memory;
-        ``redraw`` (N, 1, h, w): where each image may change (see :func:`translate`)."""
+        """The healthy images of (N, C, h, w) images, translated in batches, halving the batch on GPU
+        out-of-memory; ``redraw`` (N, 1, h, w): where each image may change (see :func:`translate`).
+
+        With ``map_reference`` "reconstruction" the healthy image is x − (x̃ − x̂): the input less
+        what guidance changed, so the map |x − healthy| is |x̃ − x̂| in either case."""
         precision = resolve_precision(settings.precision, self.device)
-        steps_per_slice = self._steps_per_slice(settings.noise_level, settings.steps)
+        steps_per_slice = self._steps_per_slice(settings)
         total = len(images) * steps_per_slice
         batch_size = settings.batch_size
         outputs: List[torch.Tensor] = []
@@ -409,7 +413,11 @@ class AnomalyDetector:
                     redraw=None if redraw is None else redraw[start : start + batch_size].to(self.device),
                     progress=batch_progress,
                     cancel=cancel,
+                    return_reconstruction=settings.map_reference == "reconstruction",
                 )
+                if isinstance(result, tuple):
+                    healthy, reconstruction = result
+                    result = batch - (reconstruction - healthy)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise

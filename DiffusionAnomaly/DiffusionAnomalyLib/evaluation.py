@@ -187,7 +187,9 @@ def evaluate_subjects(
             **_healing(subject, arrays, result, truth, foreground, healthy_subject, detector.card.channels),
         }
         if reconstruction_baseline:
-            plain = detector.detect(list(arrays), geometry, settings.replace(guidance_scale=0.0, redraw_noise_level=0.0), axial_slices=chosen if slice_step > 1 else None)
+            # The plain reconstruction itself: against a reconstruction, an unguided translation is the input.
+            unguided = settings.replace(guidance_scale=0.0, redraw_noise_level=0.0, map_reference="input")
+            plain = detector.detect(list(arrays), geometry, unguided, axial_slices=chosen if slice_step > 1 else None)
             baseline = _healing(subject, arrays, plain, truth, foreground, healthy_subject, detector.card.channels)
             row.update({f"reconstruction_{key}": value for key, value in baseline.items()})
         rows.append(row)

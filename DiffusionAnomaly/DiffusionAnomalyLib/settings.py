@@ -35,6 +35,11 @@ BRAIN_MASK_MODES = ("auto", "extract", "none")
 GUIDANCE_SCHEDULES = ("constant", "linear")
 # "n4": divide out each sequence's bias field (coil shading) fitted inside the brain; "none": as given.
 BIAS_CORRECTIONS = ("none", "n4")
+# What the healthy translation is compared with. "input": the scan itself, |x − x̂| (the
+# paper's map). "reconstruction": the same encoding decoded without guidance, |x̃ − x̂|: what
+# the network cannot reproduce of an unfamiliar anatomy is in both and cancels, what guidance
+# removed stays; it costs one more decoding.
+MAP_REFERENCES = ("input", "reconstruction")
 
 # Inclusive ranges of the numeric settings. Fewer than MIN_STEPS DDIM evaluations cannot
 # invert the encoding: the map then shows the reconstruction error of the whole brain.
@@ -65,6 +70,7 @@ LABELS = {
     "guidance_schedule": "guidance schedule",
     "bias_correction": "bias correction",
     "redraw_noise_level": "redraw noise level",
+    "map_reference": "map reference",
 }
 
 
@@ -160,6 +166,9 @@ class DetectionSettings:
             (its regions of at least ``detector.REDRAW_MIN_AREA_MM2`` in their axial slice, with a margin), encoded to this noise level and redrawn in the context of the
             rest of the image (see :func:`.translation.translate`), with the first pass's DDIM stride;
             a level not deeper than ``noise_level`` is not used.
+        map_reference: ``input`` (the map is |x − x̂|, the paper's) or ``reconstruction``
+            (|x̃ − x̂|, x̃ the unguided decoding of the same encoding; see MAP_REFERENCES). The
+            healthy image returned is x − (x̃ − x̂) then, so the map is always its difference to the input.
     """
 
     noise_level: Optional[float] = None
@@ -176,6 +185,7 @@ class DetectionSettings:
     guidance_schedule: Optional[str] = None
     bias_correction: Optional[str] = None
     redraw_noise_level: Optional[float] = None
+    map_reference: Optional[str] = None
 
     def replace(self, **changes: Any) -> "DetectionSettings":
         return dataclasses.replace(self, **changes)
@@ -200,7 +210,8 @@ class DetectionSettings:
             _in_range(name, checked[name])
         checked["threshold"] = _checked_threshold(filled["threshold"], len(card.channels))
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("brain_mask", BRAIN_MASK_MODES),
-                              ("guidance_schedule", GUIDANCE_SCHEDULES), ("bias_correction", BIAS_CORRECTIONS)):
+                              ("guidance_schedule", GUIDANCE_SCHEDULES), ("bias_correction", BIAS_CORRECTIONS),
+                              ("map_reference", MAP_REFERENCES)):
             if filled[name] not in allowed:
                 raise ValueError(f"{LABELS[name]} must be one of {', '.join(allowed)}, got {filled[name]!r}")
             checked[name] = filled[name]
@@ -236,4 +247,5 @@ def _checked_threshold(value: Any, channels: int) -> Threshold:
 CARD_DEFAULTS = DetectionSettings(
     noise_level=0.5, guidance_scale=10.0, steps=25, threshold=CALIBRATED, min_component_voxels=0, map_smoothing=0.0, batch_size=32,
     brain_mask="auto", map_levels=1, guidance_schedule="constant", bias_correction="none", redraw_noise_level=0.0,
+    map_reference="input",
 )

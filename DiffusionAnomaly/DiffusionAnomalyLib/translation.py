@@ -30,12 +30,17 @@ change, fading to nothing at t = 0 so that fine healthy detail is not pushed aro
    part is the deterministic encoding of step 1, which the network itself would decode back to
    the input, so the redrawn region is generated in the context of the patient's own anatomy.
    A deeper L then removes more of a large lesion without redrawing the healthy brain around it.
+
+4. Optionally (``return_reconstruction``), the same encoding x_{t_N} is decoded a second time
+   with s = 0: the plain DDIM reconstruction x̃_0. Healthy tissue of an anatomy the network
+   reproduces badly comes back with the same error in x̂_0 and x̃_0, so x̃_0 − x̂_0 is what the
+   guidance alone changed (see ``map_reference`` in :mod:`.settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +122,13 @@ def translate(
     redraw: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
-) -> torch.Tensor:
+    return_reconstruction: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Translates a batch of images to the healthy class; returns x̂_0 of the same shape.
+
+    With ``return_reconstruction`` (as ``torch.unique``'s ``return_inverse``), returns the pair
+    (x̂_0, x̃_0): x̃_0 is the plain reconstruction decoded without guidance from the same
+    encoding (step 4 above).
 
     Args:
         x0: images (B, C, H, W) in the networks' intensity range.
@@ -137,6 +147,7 @@ def translate(
             image; elsewhere it follows the input's encoding (step 3 above). ``None``: everywhere.
         progress: called as ``progress(done, total)`` after each network evaluation step.
         cancel: polled before each step; returning true raises :class:`TranslationCancelled`.
+        return_reconstruction: also decode without guidance (N more network evaluations).
     """
     if x0.ndim != 4:
         raise ValueError(f"x0 must be a batch (B, C, H, W), got shape {tuple(x0.shape)}")
@@ -154,7 +165,7 @@ def translate(
     with torch.inference_mode(False):
         alpha_bar = alphas_cumprod(schedule).to(x0.device)
     grid = ddim_timesteps(noise_level, steps, schedule.num_train_timesteps)
-    total = 2 * (len(grid) - 1)
+    total = (3 if return_reconstruction else 2) * (len(grid) - 1)
     autocast_dtype = PRECISIONS[precision]
 
     def autocast():
@@ -192,20 +203,29 @@ def translate(
             done += 1
             step_done(done)
 
-        # 2. DDIM decoding from L back to 0, the noise corrected toward the healthy class.
-        for t_now, t_prev in zip(reversed(grid[1:]), reversed(grid[:-1])):
-            check_cancel()
-            eps = predict_noise(x, t_now)
-            scale = guidance_scale * (t_now / grid[-1] if guidance_schedule == "linear" else 1.0)
-            if scale > 0:
-                assert classifier is not None
-                with autocast():
-                    gradient = healthy_log_prob_gradient(classifier, x, timestep(t_now), healthy_class)
-                eps = eps - scale * (1 - alpha_bar[t_now]).sqrt() * gradient.float()
-            x = _ddim_move(x, eps, alpha_bar[t_now], alpha_bar[t_prev])
-            # 3. Outside the region to redraw, the input's own trajectory.
-            if redraw is not None:
-                x = redraw * x + (1 - redraw) * encoding[t_prev]
-            done += 1
-            step_done(done)
-    return x
+        encoded = x
+
+        def decode(x: torch.Tensor, guidance: float, done: int) -> torch.Tensor:
+            # 2. DDIM decoding from L back to 0, the noise corrected toward the healthy class.
+            for t_now, t_prev in zip(reversed(grid[1:]), reversed(grid[:-1])):
+                check_cancel()
+                eps = predict_noise(x, t_now)
+                scale = guidance * (t_now / grid[-1] if guidance_schedule == "linear" else 1.0)
+                if scale > 0:
+                    assert classifier is not None
+                    with autocast():
+                        gradient = healthy_log_prob_gradient(classifier, x, timestep(t_now), healthy_class)
+                    eps = eps - scale * (1 - alpha_bar[t_now]).sqrt() * gradient.float()
+                x = _ddim_move(x, eps, alpha_bar[t_now], alpha_bar[t_prev])
+                # 3. Outside the region to redraw, the input's own trajectory.
+                if redraw is not None:
+                    x = redraw * x + (1 - redraw) * encoding[t_prev]
+                done += 1
+                step_done(done)
+            return x
+
+        healthy = decode(encoded, guidance_scale, done)
+        if not return_reconstruction:
+            return healthy
+        # 4. The same encoding decoded without guidance.
+        return healthy, decode(encoded, 0.0, total - (len(grid) - 1))

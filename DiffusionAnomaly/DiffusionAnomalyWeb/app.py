@@ -42,6 +42,7 @@ from DiffusionAnomalyLib.sequences import guess_sequence
 from DiffusionAnomalyLib.settings import (
     BIAS_CORRECTIONS,
     BRAIN_MASK_MODES,
+    MAP_REFERENCES,
     PANEL_THRESHOLD_MODES,
     RANGES,
     THRESHOLD_MEANINGS,
@@ -137,6 +138,7 @@ class AnomalyWebApp(TrameApp):
             "threshold_meanings": THRESHOLD_MEANINGS,
             "brain_mask_modes": list(BRAIN_MASK_MODES),
             "bias_corrections": list(BIAS_CORRECTIONS),
+            "map_references": list(MAP_REFERENCES),
             "running": False,
             "progress": 0,
             "progress_text": "",
@@ -176,6 +178,7 @@ class AnomalyWebApp(TrameApp):
                 "brain_mask": defaults.brain_mask,
                 "bias_correction": defaults.bias_correction,
                 "redraw_noise_level": float(defaults.redraw_noise_level),
+                "map_reference": defaults.map_reference,
             })
 
     def _choose_model(self) -> None:
@@ -271,6 +274,11 @@ class AnomalyWebApp(TrameApp):
                                density="compact", hide_details=True, disabled=("running",),
                                title="n4: divide out each sequence's bias field (coil shading), fitted inside the brain, before detection; "
                                      "none: the intensities as loaded (scans corrected already, as BraTS is).")
+                    v3.VSelect(id="map-reference", label="Map compared with", v_model=("map_reference",), items=("map_references",),
+                               density="compact", hide_details=True, disabled=("running",),
+                               title="input: the scan against its healthy translation (the paper's map); reconstruction: the healthy "
+                                     "translation against the same encoding decoded without guidance, so only what guidance removed "
+                                     "shows; half as long again.")
                     with html.Div(id="legend", v_if="overlay_shown", classes="text-caption"):
                         html.Div("Anomaly map (colours in the views)")
                         with html.Div(style=f"position: relative; height: 14px; border-radius: 2px; background: {heat_gradient()}"):
@@ -408,6 +416,7 @@ class AnomalyWebApp(TrameApp):
             brain_mask=self.state.brain_mask,
             bias_correction=self.state.bias_correction,
             redraw_noise_level=number_from_text("redraw_noise_level", self.state.redraw_noise_level),
+            map_reference=self.state.map_reference,
         ).resolve(self.card)
 
     def detect_or_cancel(self) -> None:

@@ -180,6 +180,31 @@ def test_maps_averaged_over_noise_levels_report_progress_over_all_of_them(tiny_b
         detector.detect(list(arrays), settings=DetectionSettings(map_levels=9))
 
 
+def test_a_map_against_the_reconstruction_shows_only_what_guidance_removed():
+    arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=3.5)
+    detector = analytic_detector()
+    # At 10 DDIM steps the encoding does not invert exactly, and that error is in the paper's map.
+    coarse = DetectionSettings(steps=10)
+    against_input = detector.detect(list(arrays), settings=coarse)
+    seen = []
+    against_reconstruction = detector.detect(list(arrays), settings=coarse.replace(map_reference="reconstruction"),
+                                             progress=lambda done, total: seen.append((done, total)))
+    brain = arrays[0] > 0
+    healthy_tissue = brain & ~lesion
+    assert against_reconstruction.anomaly_map[lesion].mean() > 4 * against_reconstruction.anomaly_map[healthy_tissue].mean()
+    assert against_reconstruction.anomaly_map[healthy_tissue].mean() < 0.5 * against_input.anomaly_map[healthy_tissue].mean()
+    # The healthy image is the input less what guidance changed: healthy tissue as scanned.
+    normal = arrays[1][healthy_tissue]
+    assert np.abs(against_reconstruction.healthy[1][healthy_tissue] - normal).mean() < np.abs(against_input.healthy[1][healthy_tissue] - normal).mean()
+    assert against_reconstruction.healthy[1][lesion].mean() < arrays[1][lesion].mean() - 20
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # Without guidance nothing is removed, so nothing is shown.
+    unguided = detector.detect(list(arrays), settings=coarse.replace(map_reference="reconstruction", guidance_scale=0.0))
+    assert np.abs(unguided.anomaly_map).max() < 1e-5 and not unguided.mask.any()
+    with pytest.raises(ValueError, match="map reference must be one of input, reconstruction"):
+        detector.detect(list(arrays), settings=DetectionSettings(map_reference="healthy"))
+
+
 def test_redrawing_the_segmented_lesion_from_deeper_heals_it_more_and_keeps_the_other_slices():
     radius = 3.5
     arrays, lesion = brain_phantom(shape=(14, 22, 20), lesion_centre=(6, 9, 12), lesion_radius=radius)

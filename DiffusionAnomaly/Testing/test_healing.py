@@ -61,6 +61,13 @@ def test_evaluate_reports_healing_by_lesion_size_and_the_classifier_by_noise_lev
     assert all(row["healthy_error"] is not None and row["reconstruction_healthy_error"] is not None for row in report["subjects"])
     assert sum(group["subjects"] for group in report["by_lesion_size"].values()) == len(diseased)
     assert set(report["classifier_auroc_by_t"]) == {"0", "100", "250", "500", "750"}
+    # The baseline is the plain reconstruction whatever the map is compared with.
+    assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(tmp_path / "data"), "--json", str(report_path),
+                 "--reconstruction-baseline", "--map-reference", "reconstruction", "--device", "cpu"]) == 0
+    against_reconstruction = json.loads(report_path.read_text(encoding="utf-8"))
+    assert [row["reconstruction_healthy_error"] for row in against_reconstruction["subjects"]] == pytest.approx(
+        [row["reconstruction_healthy_error"] for row in report["subjects"]])
+    assert all(row["reconstruction_healthy_error"] > 0 for row in report["subjects"])
 
 
 def test_a_post_contrast_model_can_be_scored_on_the_tumour_core(tmp_path, tiny_bundle):

@@ -31,6 +31,7 @@ EXPECTED_CLASSES = {
     "deviceComboBox": "QComboBox",
     "batchSizeSpinBox": "QSpinBox",
     "redrawNoiseLevelSlider": "ctkSliderWidget",
+    "mapReferenceComboBox": "QComboBox",
     "outputMapSelector": "qMRMLNodeComboBox",
     "outputSegmentationSelector": "qMRMLNodeComboBox",
     "detectButton": "QPushButton",
@@ -107,7 +108,7 @@ def test_settings_explain_themselves():
     widgets = _widgets()
     for name in ("noiseLevelSlider", "guidanceScaleSlider", "thresholdSlider", "stepsSpinBox", "batchSizeSpinBox", "deviceComboBox",
                  "detectButton", "previewButton", "thresholdModeComboBox", "brainMaskModeComboBox", "brainMaskSegmentationSelector",
-                 "biasCorrectionComboBox", "redrawNoiseLevelSlider"):
+                 "biasCorrectionComboBox", "redrawNoiseLevelSlider", "mapReferenceComboBox"):
         tooltip = _string_property(widgets[name], "toolTip")
         assert tooltip and len(tooltip.split()) >= 6, f"{name} needs a tooltip that says what it does"
 
@@ -181,8 +182,9 @@ def _parameter_choices(name: str) -> list:
 
 
 def test_panel_choices_are_the_engines():
-    from DiffusionAnomalyLib.settings import BIAS_CORRECTIONS, BRAIN_MASK_MODES, PANEL_THRESHOLD_MODES
+    from DiffusionAnomalyLib.settings import BIAS_CORRECTIONS, BRAIN_MASK_MODES, MAP_REFERENCES, PANEL_THRESHOLD_MODES
 
     assert set(_parameter_choices("biasCorrection")) == set(BIAS_CORRECTIONS)
+    assert set(_parameter_choices("mapReference")) == set(MAP_REFERENCES)
     assert set(_parameter_choices("brainMaskMode")) == set(BRAIN_MASK_MODES) | {"segment"}
     assert set(_parameter_choices("thresholdMode")) == set(PANEL_THRESHOLD_MODES)

@@ -161,3 +161,15 @@ def test_a_redraw_region_heals_inside_and_keeps_the_rest_of_the_input_exactly():
     assert torch.equal(translate(x0, models.eps, models.classifier, redraw=torch.zeros_like(region), **settings), x0)
     with pytest.raises(ValueError, match=r"redraw must be \(B, 1, H, W\)"):
         translate(x0, models.eps, models.classifier, redraw=region[:2], **settings)
+
+
+def test_the_reconstruction_is_the_same_encoding_decoded_without_guidance():
+    models = AnalyticGaussians(-0.5, 0.3, 0.5, 0.3)
+    x0 = diseased_batch(models)
+    settings = dict(noise_level=0.4, steps=8)
+    seen = []
+    healthy, reconstruction = translate(x0, models.eps, models.classifier, guidance_scale=2.0, return_reconstruction=True,
+                                        progress=lambda done, total: seen.append((done, total)), **settings)
+    assert torch.equal(healthy, translate(x0, models.eps, models.classifier, guidance_scale=2.0, **settings))
+    assert torch.equal(reconstruction, translate(x0, models.eps, models.classifier, guidance_scale=0.0, **settings))
+    assert seen == [(done, 24) for done in range(1, 25)], "one encoding and two decodings of 8 steps each"

@@ -174,6 +174,7 @@ def test_detect_on_the_sample_shows_overlay_and_segmentation(server, browser):
     redraw = defaults.redraw_noise_level
     assert (f"Redraw lesions from L = {redraw:.2f}" if redraw > level else "Redraw lesions: off") in _slider_text(page, "redraw-noise-level")
     expect(page.locator("#threshold-meaning")).not_to_be_empty()  # what the threshold means is said
+    expect(page.locator("#map-reference").locator("xpath=ancestor::div[contains(@class,'v-select')]")).to_contain_text(defaults.map_reference)
     expect(page.locator("#model-note")).to_contain_text("Automatic: brain-mri-synth-64 fits the loaded volumes")
     # Both buttons fit in the panel.
     drawer = page.locator("nav.v-navigation-drawer").bounding_box()
