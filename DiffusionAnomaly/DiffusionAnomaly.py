@@ -130,6 +130,8 @@ class DiffusionAnomalyParameterNode:
     # The float/ctkSliderWidget connector of guiConnectors.py (above) sets the slider's range from
     # WithinRange, whatever the .ui says, and refuses a slider bound to an unbounded float.
     redrawNoiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    # The same combo-box connector (QComboBoxToStringableConnector) raises on writing a value
+    # missing from Choice, so this lists every settings.MAP_REFERENCES (test_panel checks it).
     mapReference: Annotated[str, Choice(["input", "reconstruction"])] = "input"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 4096)] = 32

@@ -387,6 +387,7 @@ class AnomalyDetector:
         what guidance changed, so the map |x − healthy| is |x̃ − x̂| in either case."""
         precision = resolve_precision(settings.precision, self.device)
         steps_per_slice = self._steps_per_slice(settings)
+        against_reconstruction = settings.map_reference == "reconstruction"
         total = len(images) * steps_per_slice
         batch_size = settings.batch_size
         outputs: List[torch.Tensor] = []
@@ -413,9 +414,9 @@ class AnomalyDetector:
                     redraw=None if redraw is None else redraw[start : start + batch_size].to(self.device),
                     progress=batch_progress,
                     cancel=cancel,
-                    return_reconstruction=settings.map_reference == "reconstruction",
+                    return_reconstruction=against_reconstruction,
                 )
-                if isinstance(result, tuple):
+                if against_reconstruction:
                     healthy, reconstruction = result
                     result = batch - (reconstruction - healthy)
             except torch.cuda.OutOfMemoryError:

@@ -165,7 +165,8 @@ def translate(
     with torch.inference_mode(False):
         alpha_bar = alphas_cumprod(schedule).to(x0.device)
     grid = ddim_timesteps(noise_level, steps, schedule.num_train_timesteps)
-    total = (3 if return_reconstruction else 2) * (len(grid) - 1)
+    steps_per_pass = len(grid) - 1
+    total = (3 if return_reconstruction else 2) * steps_per_pass
     autocast_dtype = PRECISIONS[precision]
 
     def autocast():
@@ -228,4 +229,4 @@ def translate(
         if not return_reconstruction:
             return healthy
         # 4. The same encoding decoded without guidance.
-        return healthy, decode(encoded, 0.0, total - (len(grid) - 1))
+        return healthy, decode(encoded, 0.0, 2 * steps_per_pass)

@@ -278,7 +278,7 @@ class AnomalyWebApp(TrameApp):
                                density="compact", hide_details=True, disabled=("running",),
                                title="input: the scan against its healthy translation (the paper's map); reconstruction: the healthy "
                                      "translation against the same encoding decoded without guidance, so only what guidance removed "
-                                     "shows; half as long again.")
+                                     "shows; one more decoding, about a third longer.")
                     with html.Div(id="legend", v_if="overlay_shown", classes="text-caption"):
                         html.Div("Anomaly map (colours in the views)")
                         with html.Div(style=f"position: relative; height: 14px; border-radius: 2px; background: {heat_gradient()}"):
